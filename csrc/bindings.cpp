@@ -1,0 +1,104 @@
+// The one pybind11 module, qwen3_fast._C: one m.def per launcher. No torch here; Python
+// passes data_ptr() integers, sizes and dtype codes (qwen3_fast/ops/_kernel_args.py).
+// C++ std::invalid_argument surfaces as ValueError, std::runtime_error as RuntimeError.
+#include <pybind11/pybind11.h>
+
+#include "cpu/kernels.h"
+#ifdef QWEN3_FAST_WITH_CUDA
+#include "cuda/kernels.h"
+#endif
+
+namespace py = pybind11;
+using py::arg;
+
+namespace {
+
+py::dict build_info() {
+  py::dict info;
+  py::list features;
+#ifdef __AVX2__
+  features.append("avx2");
+#endif
+#ifdef __FMA__
+  features.append("fma");
+#endif
+#ifdef __F16C__
+  features.append("f16c");
+#endif
+#ifdef __AVX512F__
+  features.append("avx512f");
+#endif
+#ifdef __AVX512BF16__
+  features.append("avx512bf16");
+#endif
+#ifdef __AVX512FP16__
+  features.append("avx512fp16");
+#endif
+#ifdef __ARM_NEON
+  features.append("neon");
+#endif
+  info["cpu_features"] = features;
+  info["openmp"] = true;
+  info["compiler"] = QWEN3_FAST_BUILD_CXX;
+#ifdef QWEN3_FAST_WITH_CUDA
+  info["cuda"] = true;
+  info["cuda_version"] = QWEN3_FAST_BUILD_CUDA_VERSION;
+#else
+  info["cuda"] = false;
+  info["cuda_version"] = "";
+#endif
+  info["cuda_archs"] = QWEN3_FAST_BUILD_CUDA_ARCHS;
+#ifdef QWEN3_FAST_WITH_CUTLASS
+  info["cutlass_in_build"] = true;
+#else
+  info["cutlass_in_build"] = false;
+#endif
+  info["cutlass_version"] = QWEN3_FAST_BUILD_CUTLASS_VERSION;
+  info["cutlass_source"] = QWEN3_FAST_BUILD_CUTLASS_SOURCE;
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "qwen3_fast kernels (CPU always, CUDA when built with a toolkit)";
+  m.def("build_info", &build_info, "What this extension was built with.");
+  const auto nogil = py::call_guard<py::gil_scoped_release>();
+
+  namespace c = qwen3_fast::cpu;
+  m.def("rms_norm_forward_cpu", &c::rms_norm_forward, arg("x"), arg("x_stride"), arg("weight"),
+        arg("y"), arg("rstd"), arg("rows"), arg("cols"), arg("eps"), arg("x_dtype"),
+        arg("w_dtype"), arg("num_threads"), nogil);
+  m.def("rms_norm_backward_cpu", &c::rms_norm_backward, arg("dy"), arg("x"), arg("x_stride"),
+        arg("weight"), arg("rstd"), arg("d_residual"), arg("dx"), arg("dw"), arg("rows"),
+        arg("cols"), arg("x_dtype"), arg("w_dtype"), arg("num_threads"), nogil);
+  m.def("add_rms_norm_forward_cpu", &c::add_rms_norm_forward, arg("x"), arg("x_stride"),
+        arg("residual"), arg("r_stride"), arg("weight"), arg("y"), arg("new_residual"),
+        arg("rstd"), arg("rows"), arg("cols"), arg("eps"), arg("x_dtype"), arg("w_dtype"),
+        arg("num_threads"), nogil);
+  m.def("silu_and_mul_forward_cpu", &c::silu_and_mul_forward, arg("gate_up"), arg("stride"),
+        arg("y"), arg("rows"), arg("inter"), arg("dtype"), arg("num_threads"), nogil);
+  m.def("silu_and_mul_backward_cpu", &c::silu_and_mul_backward, arg("dy"), arg("gate_up"),
+        arg("stride"), arg("d_gate_up"), arg("rows"), arg("inter"), arg("dtype"),
+        arg("num_threads"), nogil);
+
+#ifdef QWEN3_FAST_WITH_CUDA
+  namespace g = qwen3_fast::cuda;
+  m.def("rms_norm_forward_cuda", &g::rms_norm_forward, arg("x"), arg("x_stride"), arg("weight"),
+        arg("y"), arg("rstd"), arg("rows"), arg("cols"), arg("eps"), arg("x_dtype"),
+        arg("w_dtype"), arg("stream"), nogil);
+  m.def("rms_norm_backward_cuda", &g::rms_norm_backward, arg("dy"), arg("x"), arg("x_stride"),
+        arg("weight"), arg("rstd"), arg("d_residual"), arg("dx"), arg("dw_partial"),
+        arg("partial_rows"), arg("rows"), arg("cols"), arg("x_dtype"), arg("w_dtype"),
+        arg("stream"), nogil);
+  m.def("add_rms_norm_forward_cuda", &g::add_rms_norm_forward, arg("x"), arg("x_stride"),
+        arg("residual"), arg("r_stride"), arg("weight"), arg("y"), arg("new_residual"),
+        arg("rstd"), arg("rows"), arg("cols"), arg("eps"), arg("x_dtype"), arg("w_dtype"),
+        arg("stream"), nogil);
+  m.def("silu_and_mul_forward_cuda", &g::silu_and_mul_forward, arg("gate_up"), arg("stride"),
+        arg("y"), arg("rows"), arg("inter"), arg("dtype"), arg("stream"), nogil);
+  m.def("silu_and_mul_backward_cuda", &g::silu_and_mul_backward, arg("dy"), arg("gate_up"),
+        arg("stride"), arg("d_gate_up"), arg("rows"), arg("inter"), arg("dtype"), arg("stream"),
+        nogil);
+#endif
+}

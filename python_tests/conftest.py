@@ -1,0 +1,49 @@
+"""Shared test helpers: which (device, backend) pairs exist here, and dtype tolerances."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qwen3_fast import _ext
+from qwen3_fast.ops import _backend
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def compiled_backends() -> list:
+    """(device, backend) pairs for the compiled and GPU kernels, as pytest params.
+
+    Triton on the CPU (interpreter) has its own test module, test_triton_ops.py.
+    """
+    params = [pytest.param("cpu", "cpu", id="cpu",
+                           marks=pytest.mark.skipif(not _ext.available(), reason="_C not built"))]
+    params.append(pytest.param("cuda", "cuda", id="cuda", marks=[
+        pytest.mark.cuda,
+        pytest.mark.skipif(not (HAS_CUDA and _ext.cuda_built()), reason="needs a GPU and CUDA kernels")]))
+    params.append(pytest.param("cuda", "triton", id="triton-cuda", marks=[
+        pytest.mark.cuda, pytest.mark.triton,
+        pytest.mark.skipif(not (HAS_CUDA and _backend.triton_available()), reason="needs a GPU and triton")]))
+    return params
+
+
+# Norm-wise relative error allowed against the float32 oracle (METHOD.md: ||out-ref||/||ref||),
+# and the elementwise tolerance for assert_close.
+REL_TOL = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.2e-2}
+ELEM_TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 5e-3), torch.bfloat16: (1.6e-2, 4e-2)}
+
+
+def assert_close_to_oracle(actual: torch.Tensor, oracle: torch.Tensor, dtype: torch.dtype,
+                           scale: float = 1.0, name: str = "") -> None:
+    """Compare a kernel result to the float32/float64 oracle with dtype tolerances."""
+    assert actual.shape == oracle.shape, f"{name}: shape {actual.shape} != {oracle.shape}"
+    a, o = actual.double(), oracle.double()
+    assert torch.isfinite(a).all(), f"{name}: non-finite values"
+    # Floor the denominator at elements of size 0.1: where the oracle cancels to ~0
+    # (e.g. dx of a 1-wide norm) only absolute error is meaningful.
+    denom = max(o.norm().item(), 0.1 * o.numel() ** 0.5)
+    if o.numel() > 0:
+        rel = (a - o).norm().item() / denom
+        assert rel <= REL_TOL[dtype] * scale, f"{name}: relative error {rel:.3g} > {REL_TOL[dtype] * scale:.3g}"
+    rtol, atol = ELEM_TOL[dtype]
+    torch.testing.assert_close(a, o, rtol=rtol * scale, atol=atol * scale * max(1.0, o.abs().max().item()),
+                               msg=lambda m: f"{name}: {m}")

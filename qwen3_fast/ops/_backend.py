@@ -1,0 +1,136 @@
+"""Which implementation runs an op: per call, from the tensors' device and an override.
+
+Backends: ``reference`` (plain torch, ops/reference.py), ``cpu`` (C++ kernels in
+qwen3_fast._C), ``cuda`` (CUDA C++ kernels in qwen3_fast._C), ``triton``
+(ops/triton/, on the CPU only under TRITON_INTERPRET=1).
+
+Defaults: CPU tensors use ``cpu``; CUDA tensors use the first backend in
+``GPU_VERIFIED[op]`` (kernels whose tests passed on a real GPU through
+bench/gpu_check.sh, recorded in bench/results/), else ``reference``. float64 always runs
+on the reference (the kernels are float32/float16/bfloat16). Override with the
+environment variable QWEN3_FAST_BACKEND or :func:`set_backend` / :func:`use_backend`.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import warnings
+from typing import Iterator
+
+import torch
+
+from qwen3_fast import _ext
+
+BACKENDS = ("reference", "cpu", "cuda", "triton")
+
+# GPU backends verified on real hardware, per op, in preference order. Empty until
+# bench/gpu_check.sh has passed on a GPU (no GPU run has been recorded yet).
+GPU_VERIFIED: dict[str, tuple[str, ...]] = {
+    "rms_norm": (),
+    "add_rms_norm": (),
+    "silu_and_mul": (),
+}
+
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _validate(name: str | None, source: str) -> str | None:
+    if name is None or name == "":
+        return None
+    if name not in BACKENDS:
+        raise ValueError(f"{source}: backend {name!r} is not one of {', '.join(BACKENDS)}")
+    return name
+
+
+_forced: str | None = _validate(os.environ.get("QWEN3_FAST_BACKEND"), "QWEN3_FAST_BACKEND")
+_warned_no_extension = False
+
+
+def set_backend(name: str | None) -> None:
+    """Force one backend for every op (None restores the per-device default)."""
+    global _forced
+    _forced = _validate(name, "set_backend(name)")
+
+
+def get_backend() -> str | None:
+    """The forced backend, or None when the per-device default applies."""
+    return _forced
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None) -> Iterator[None]:
+    """Context manager form of :func:`set_backend`."""
+    global _forced
+    previous = _forced
+    set_backend(name)
+    try:
+        yield
+    finally:
+        _forced = previous
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def backend_usable(backend: str, device_type: str) -> tuple[bool, str]:
+    """Whether `backend` can run on tensors of `device_type`, and why not."""
+    if backend == "reference":
+        return True, ""
+    if backend == "cpu":
+        if device_type != "cpu":
+            return False, f"the cpu backend needs CPU tensors, got {device_type}"
+        if not _ext.available():
+            return False, "qwen3_fast._C is not built (pip install .)"
+        return True, ""
+    if backend == "cuda":
+        if device_type != "cuda":
+            return False, f"the cuda backend needs CUDA tensors, got {device_type}"
+        if not _ext.cuda_built():
+            return False, "qwen3_fast._C was built without CUDA kernels"
+        return True, ""
+    if backend == "triton":
+        if not triton_available():
+            return False, "triton is not installed (pip install '.[triton]')"
+        if device_type == "cpu" and not triton_interpret():
+            return False, "Triton on CPU tensors needs TRITON_INTERPRET=1"
+        if device_type not in ("cpu", "cuda"):
+            return False, f"triton does not run on {device_type} tensors"
+        return True, ""
+    return False, f"unknown backend {backend!r}"
+
+
+def default_backend(op: str, device_type: str) -> str:
+    """The backend an op uses on a device when nothing is forced."""
+    global _warned_no_extension
+    if device_type == "cpu":
+        if _ext.available():
+            return "cpu"
+        if not _warned_no_extension:
+            _warned_no_extension = True
+            warnings.warn("qwen3_fast._C is not built; ops run on the slow reference path "
+                          "(pip install . builds the kernels)", stacklevel=3)
+        return "reference"
+    if device_type == "cuda":
+        for backend in GPU_VERIFIED.get(op, ()):
+            if backend_usable(backend, "cuda")[0]:
+                return backend
+    return "reference"
+
+
+def resolve(op: str, tensor: torch.Tensor) -> str:
+    """The backend for one call of `op` on `tensor`'s device and dtype."""
+    if tensor.dtype not in KERNEL_DTYPES:
+        return "reference"
+    device_type = tensor.device.type
+    if _forced is None:
+        return default_backend(op, device_type)
+    ok, why = backend_usable(_forced, device_type)
+    if not ok:
+        raise RuntimeError(f"{op}: forced backend {_forced!r} cannot run here: {why}")
+    return _forced

@@ -1,0 +1,40 @@
+"""Turning tensors into the raw arguments of qwen3_fast._C launchers.
+
+The extension never sees a torch.Tensor (DESIGN.md, "Binding"): it gets data_ptr()
+integers, sizes, strides, dtype codes, and the CPU thread count or the CUDA stream.
+"""
+from __future__ import annotations
+
+import torch
+
+from qwen3_fast import _ext
+
+# Must match csrc/include/qwen3_fast/common.h DType.
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def code(t: torch.Tensor) -> int:
+    return DTYPE_CODES[t.dtype]
+
+
+def ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def launch(backend: str, name: str, device: torch.device, *args) -> None:
+    """Call `<name>_<backend>` with the thread count (cpu) or current stream (cuda)."""
+    C = _ext.extension()
+    if backend == "cpu":
+        getattr(C, f"{name}_cpu")(*args, torch.get_num_threads())
+    elif backend == "cuda":
+        with torch.cuda.device(device):
+            stream = torch.cuda.current_stream(device).cuda_stream
+            getattr(C, f"{name}_cuda")(*args, stream)
+    else:
+        raise ValueError(f"launch: backend {backend!r} has no compiled kernels")
+
+
+def cuda_partial_rows(device: torch.device, rows: int) -> int:
+    """Thread blocks (and float32 partial rows) for a column reduction over `rows`."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(rows, 4 * sms))

@@ -1,0 +1,179 @@
+"""Plain-PyTorch version of every op: the oracle of every test and the fallback path.
+
+Written for clarity, with the exact Hugging Face Qwen3 rounding order (fp32 math, cast to
+the input dtype, then the weight multiply in the weight's dtype). Autograd comes from
+torch, so gradcheck runs on these in float64. Shapes: T tokens (any leading dims), H
+hidden, I intermediate.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF Qwen3RMSNorm. x: [..., H], weight: [H] -> [..., H] in promote(x, weight)."""
+    x32 = x.to(torch.float32) if x.dtype != torch.float64 else x
+    variance = x32.pow(2).mean(-1, keepdim=True)
+    normed = x32 * torch.rsqrt(variance + eps)
+    return weight * normed.to(x.dtype)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residual add in the model dtype, then RMSNorm: returns (y, new_residual)."""
+    new_residual = x + residual
+    return rms_norm(new_residual, weight, eps), new_residual
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU: gate_up [..., 2I] (gate first) -> silu(gate) * up [..., I]."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+# ---------------------------------------------------------------------------------------
+# RoPE, attention and MoE (issue 3). Shapes: B batch, S sequence, T tokens, Hq/Hkv heads,
+# D head_dim, E experts, K top-k, I expert intermediate size.
+
+
+def rope_inv_freq(head_dim: int, theta: float, rope_type: str = "default",
+                  factor: float = 1.0, original_max_position_embeddings: int | None = None,
+                  beta_fast: float = 32.0, beta_slow: float = 1.0, truncate: bool = True,
+                  attention_factor: float | None = None) -> tuple[torch.Tensor, float]:
+    """HF inverse frequencies [D/2] (fp32) and the cos/sin multiplier, default or YaRN."""
+    import math
+
+    dim = head_dim
+    pos_freqs = theta ** (torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float32) / dim)
+    inv_freq = 1.0 / pos_freqs
+    if rope_type == "default":
+        return inv_freq, 1.0
+    if rope_type != "yarn":
+        raise ValueError(f"rope_type {rope_type!r} is not supported; expected 'default' or 'yarn'")
+    if attention_factor is None:
+        attention_factor = 1.0 if factor <= 1 else 0.1 * math.log(factor) + 1.0
+
+    def correction_dim(rotations: float) -> float:
+        return (dim * math.log(original_max_position_embeddings / (rotations * 2 * math.pi))) / (
+            2 * math.log(theta))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # HF: avoid a zero-width ramp
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    extrapolation_factor = 1 - ramp
+    inv_interp = 1.0 / (factor * pos_freqs)
+    inv_freq = inv_interp * (1 - extrapolation_factor) + inv_freq * extrapolation_factor
+    return inv_freq, float(attention_factor)
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, attention_factor: float,
+                 max_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [max_positions, D] fp32 = cat(freqs, freqs).{cos,sin}() * attention_factor."""
+    positions = torch.arange(max_positions, dtype=torch.float32, device=inv_freq.device)
+    freqs = positions[:, None] * inv_freq.to(torch.float32)[None, :]  # one product each, as HF
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos() * attention_factor, emb.sin() * attention_factor
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor,
+                 k_weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 positions: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-head RMSNorm over D, then half-split rotation at `positions`.
+
+    q: [..., Hq, D], k: [..., Hkv, D], positions: [...] (the leading dims of q),
+    cos/sin: [P, D] fp32 tables, gathered then cast to the normed dtype like HF.
+    """
+    qn = rms_norm(q, q_weight, eps)
+    kn = rms_norm(k, k_weight, eps)
+    c = cos[positions].to(qn.dtype).unsqueeze(-2)  # [..., 1, D]
+    s = sin[positions].to(qn.dtype).unsqueeze(-2)
+    ck, sk = c.to(kn.dtype), s.to(kn.dtype)
+    return qn * c + rotate_half(qn) * s, kn * ck + rotate_half(kn) * sk
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
+              attention_mask: torch.Tensor | None = None,
+              scale: float | None = None) -> torch.Tensor:
+    """Softmax attention as HF's sdpa path: q [B, Hq, S, D], k/v [B, Hkv, S_kv, D] -> [B, Hq, S, D].
+
+    attention_mask: [B, S_kv] keep-mask (nonzero = attend) combined with the causal mask,
+    the queries being the last S positions of the S_kv keys. Rows with no key allowed give 0.
+    """
+    import torch.nn.functional as F
+
+    s_q, s_kv = q.shape[2], k.shape[2]
+    groups = q.shape[1] // k.shape[1]
+    mask = None
+    if attention_mask is not None:
+        mask = attention_mask.to(torch.bool)[:, None, None, :]  # [B, 1, 1, S_kv]
+    if causal and (mask is not None or s_q != s_kv):
+        allowed = torch.ones(s_q, s_kv, dtype=torch.bool, device=q.device).tril(s_kv - s_q)
+        mask = allowed if mask is None else mask & allowed
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal and s_q > 1, scale=scale,
+                                              enable_gqa=groups > 1)
+    if groups > 1:  # HF repeats kv heads when a mask is given (SDPA's GQA path is mask-free)
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+def moe_route(router_logits: torch.Tensor, top_k: int,
+              norm_topk_prob: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """router_logits [T, E] -> (weights [T, K] fp32, expert_ids [T, K] int64, probs [T, E] fp32)."""
+    probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
+    weights, expert_ids = torch.topk(probs, top_k, dim=-1)
+    if norm_topk_prob:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, expert_ids, probs
+
+
+def moe_experts(x: torch.Tensor, router_logits: torch.Tensor, w_gate_up: torch.Tensor,
+                w_down: torch.Tensor, top_k: int, norm_topk_prob: bool) -> torch.Tensor:
+    """Routed SwiGLU experts, HF's loop: x [T, H], w_gate_up [E, 2I, H] (gate rows first),
+    w_down [E, H, I] -> y [T, H] in x's dtype (weights cast to x's dtype before the multiply)."""
+    weights, expert_ids, _ = moe_route(router_logits, top_k, norm_topk_prob)
+    weights = weights.to(x.dtype)
+    num_experts = w_gate_up.shape[0]
+    y = torch.zeros_like(x)
+    # expert_mask: [E, K, T]
+    expert_mask = F.one_hot(expert_ids, num_classes=num_experts).permute(2, 1, 0)
+    for e in torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero().flatten().tolist():
+        slot, tok = torch.where(expert_mask[e])
+        gate_up = x[tok] @ w_gate_up[e].t()  # [n, 2I]
+        h = silu_and_mul(gate_up) @ w_down[e].t()  # [n, H]
+        y = y.index_add(0, tok, (h * weights[tok, slot, None]).to(x.dtype))
+    return y
+
+
+def load_balancing_loss(router_logits_per_layer, num_experts: int, top_k: int,
+                        attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """HF ``load_balancing_loss_func``: E * sum_e f_e * P_e over all layers' [B*S, E] logits,
+    padding (attention_mask [B, S] == 0) excluded from both f and P."""
+    logits = torch.cat([t.to(router_logits_per_layer[0].device) for t in router_logits_per_layer])
+    probs = torch.softmax(logits, dim=-1)
+    _, selected = torch.topk(probs, top_k, dim=-1)
+    expert_mask = F.one_hot(selected, num_experts)  # [N, K, E]
+    if attention_mask is None:
+        tokens_per_expert = expert_mask.float().mean(dim=0)
+        prob_per_expert = probs.mean(dim=0)
+    else:
+        b, s = attention_mask.shape
+        layers = logits.shape[0] // (b * s)
+        m = attention_mask.to(logits.device)
+        m_k = m[None, :, :, None, None].expand(layers, b, s, top_k, num_experts).reshape(
+            -1, top_k, num_experts)
+        tokens_per_expert = (expert_mask.float() * m_k).sum(dim=0) / m_k.sum(dim=0)
+        m_e = m[None, :, :, None].expand(layers, b, s, num_experts).reshape(-1, num_experts)
+        prob_per_expert = (probs * m_e).sum(dim=0) / m_e.sum(dim=0)
+    return (tokens_per_expert * prob_per_expert.unsqueeze(0)).sum() * num_experts
