@@ -1,11 +1,21 @@
 """Shared test helpers: which (device, backend) pairs exist here, and dtype tolerances."""
 from __future__ import annotations
 
-import pytest
+import os
+
 import torch
 
-from qwen3_fast import _ext
-from qwen3_fast.ops import _backend
+# Without a GPU, Triton kernels run in the interpreter. TRITON_INTERPRET must be set before
+# anything imports triton (torch.compile and opcheck do): triton.language's own @jit helpers
+# (tl.sum's combine function, ...) are made interpreted or compiled at that first import,
+# and an interpreted kernel cannot call a compiled helper.
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+
+from qwen3_fast import _ext  # noqa: E402
+from qwen3_fast.ops import _backend  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 

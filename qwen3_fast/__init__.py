@@ -1,7 +1,9 @@
 """qwen3_fast: run and train Qwen3 (dense and MoE) fast.
 
-`qwen3_fast.ops` holds the kernels as torch custom ops; `build_info()` says what the
-compiled extension `qwen3_fast._C` contains (also `python -m qwen3_fast.info`).
+`qwen3_fast.ops` holds the kernels as torch custom ops; `Qwen3ForCausalLM` /
+`Qwen3Config` load Hugging Face Qwen3 checkpoints; `Qwen3Tokenizer` carries the Qwen3 chat
+format; `build_info()` says what the compiled extension `qwen3_fast._C` contains (also
+`python -m qwen3_fast.info`).
 """
 from __future__ import annotations
 
@@ -39,10 +41,21 @@ def build_info() -> dict:
     return collect()
 
 
+_LAZY = {
+    "Qwen3Config": "qwen3_fast.model",
+    "Qwen3ForCausalLM": "qwen3_fast.model",
+    "Qwen3MoeForCausalLM": "qwen3_fast.model",
+    "CausalLMOutput": "qwen3_fast.model",
+    "Qwen3Tokenizer": "qwen3_fast.tokenizer",
+}
+
+
 def __getattr__(name: str):
-    # Submodules load lazily so `import qwen3_fast` stays cheap.
+    # Submodules and classes load lazily so `import qwen3_fast` stays cheap.
     import importlib
 
-    if name in ("ops",):
+    if name in ("ops", "model", "tokenizer", "chat_format"):
         return importlib.import_module(f"qwen3_fast.{name}")
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'qwen3_fast' has no attribute {name!r}")

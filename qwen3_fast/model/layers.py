@@ -1,0 +1,103 @@
+"""Qwen3 decoder building blocks: attention (QK-norm, RoPE, GQA), SwiGLU MLP, decoder layer.
+
+Every norm, activation, RoPE and attention call goes through :mod:`qwen3_fast.ops`, so
+kernels plug in without touching this file. Parameter names are HF's
+(``self_attn.{q,k,v,o}_proj``, ``q_norm``, ``k_norm``, ``mlp.{gate,up,down}_proj``,
+``input_layernorm``, ``post_attention_layernorm``).
+
+Departure from HF: the residual add is fused with the next RMSNorm (``ops.add_rms_norm``),
+so a layer takes and returns ``(hidden, residual)``; the sums are the same additions HF does.
+Shapes: B batch, S sequence, H hidden, Hq/Hkv heads, D head_dim, I intermediate.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from qwen3_fast import ops
+from qwen3_fast.model.config import Qwen3Config
+from qwen3_fast.model.moe import Qwen3SparseMoeBlock
+from qwen3_fast.ops.attention import attention
+from qwen3_fast.ops.rope import qk_norm_rope
+
+
+class Qwen3Attention(nn.Module):
+    def __init__(self, config: Qwen3Config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.scaling = self.head_dim ** -0.5
+        self.eps = config.rms_norm_eps
+        h, d, bias = config.hidden_size, self.head_dim, config.attention_bias
+        self.q_proj = nn.Linear(h, self.num_heads * d, bias=bias)
+        self.k_proj = nn.Linear(h, self.num_kv_heads * d, bias=bias)
+        self.v_proj = nn.Linear(h, self.num_kv_heads * d, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * d, h, bias=bias)
+        self.q_norm = ops.RMSNorm(d, eps=config.rms_norm_eps)
+        self.k_norm = ops.RMSNorm(d, eps=config.rms_norm_eps)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor,
+                attention_mask: Optional[Tensor]) -> Tensor:
+        # x: [B, S, H]; cos/sin: [P, D] fp32; positions: [B, S]; attention_mask: [B, S] or None
+        b, s, _ = x.shape
+        q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim)  # [B, S, Hq, D]
+        k = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim)  # [B, S, Hkv, D]
+        v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim)
+        q, k = qk_norm_rope(q, k, self.q_norm.weight, self.k_norm.weight, cos, sin, positions,
+                            self.eps)
+        o = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True,
+                      attention_mask=attention_mask, scale=self.scaling)  # [B, Hq, S, D]
+        return self.o_proj(o.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim))
+
+
+class Qwen3MLP(nn.Module):
+    """Dense SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: Qwen3Config, intermediate_size: Optional[int] = None):
+        super().__init__()
+        inter = intermediate_size or config.intermediate_size
+        self.gate_proj = nn.Linear(config.hidden_size, inter, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, inter, bias=False)
+        self.down_proj = nn.Linear(inter, config.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate_up = torch.cat((self.gate_proj(x), self.up_proj(x)), dim=-1)  # [..., 2I]
+        return self.down_proj(ops.silu_and_mul(gate_up))
+
+
+class Qwen3DecoderLayer(nn.Module):
+    def __init__(self, config: Qwen3Config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.self_attn = Qwen3Attention(config, layer_idx)
+        self.is_sparse = config.is_sparse_layer(layer_idx)
+        self.mlp = Qwen3SparseMoeBlock(config) if self.is_sparse else Qwen3MLP(config)
+        self.input_layernorm = ops.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = ops.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, x: Tensor, residual: Optional[Tensor], cos: Tensor, sin: Tensor,
+                positions: Tensor, attention_mask: Optional[Tensor]
+                ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+        """x: previous sublayer output [B, S, H] (the embeddings when residual is None).
+
+        Returns (mlp output, residual stream, router logits [B*S, E] or None).
+        """
+        eps = self.input_layernorm.variance_epsilon
+        if residual is None:
+            residual = x
+            h = ops.rms_norm(x, self.input_layernorm.weight, eps)
+        else:
+            h, residual = ops.add_rms_norm(x, residual, self.input_layernorm.weight, eps)
+        h = self.self_attn(h, cos, sin, positions, attention_mask)
+        h, residual = ops.add_rms_norm(h, residual, self.post_attention_layernorm.weight,
+                                       self.post_attention_layernorm.variance_epsilon)
+        router_logits = None
+        if self.is_sparse:
+            h, router_logits = self.mlp(h)
+        else:
+            h = self.mlp(h)
+        return h, residual, router_logits
