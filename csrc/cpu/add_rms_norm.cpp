@@ -34,9 +34,10 @@ void add_rms_norm_forward(ptr x, std::int64_t x_stride, ptr residual, std::int64
       float ss = 0.0f;
 #pragma omp simd reduction(+ : ss)
       for (std::int64_t c = 0; c < cols; ++c) {
-        const TX s = from_float<TX>(to_float(xr[c]) + to_float(rr[c]));
-        nr[c] = s;
-        const float v = to_float(s);
+        // v is exactly representable in TX, so the second conversion is exact; keeping the
+        // value in float (not a TX temporary) lets GCC vectorize the bf16/fp16 loops.
+        const float v = round_to<TX>(to_float(xr[c]) + to_float(rr[c]));
+        nr[c] = from_float<TX>(v);
         ss += v * v;
       }
       const float rs = inv_rms(ss, cols, eps);
