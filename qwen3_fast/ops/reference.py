@@ -93,12 +93,17 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor,
     q: [..., Hq, D], k: [..., Hkv, D], positions: [...] (the leading dims of q),
     cos/sin: [P, D] fp32 tables, gathered then cast to the normed dtype like HF.
     """
-    qn = rms_norm(q, q_weight, eps)
-    kn = rms_norm(k, k_weight, eps)
-    c = cos[positions].to(qn.dtype).unsqueeze(-2)  # [..., 1, D]
-    s = sin[positions].to(qn.dtype).unsqueeze(-2)
-    ck, sk = c.to(kn.dtype), s.to(kn.dtype)
-    return qn * c + rotate_half(qn) * s, kn * ck + rotate_half(kn) * sk
+    return rope_rotate(rms_norm(q, q_weight, eps), rms_norm(k, k_weight, eps), cos, sin,
+                       positions)
+
+
+def rope_rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """HF apply_rotary_pos_emb on [..., H, D] tensors with cos/sin gathered at positions [...]."""
+    c = cos[positions].to(q.dtype).unsqueeze(-2)  # [..., 1, D]
+    s = sin[positions].to(q.dtype).unsqueeze(-2)
+    ck, sk = c.to(k.dtype), s.to(k.dtype)
+    return q * c + rotate_half(q) * s, k * ck + rotate_half(k) * sk
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
