@@ -27,7 +27,6 @@ inline void dispatch_dtype(int code, const char* arg, F&& f) {
 template <typename F>
 inline void dispatch_x_w(int x_code, int w_code, F&& f) {
   dispatch_dtype(x_code, "x", [&](auto tx) {
-    using TX = typename decltype(tx)::type;
     if (w_code == x_code) {
       f(tx, tx);
     } else if (w_code == static_cast<int>(DType::kFloat32)) {
@@ -66,8 +65,6 @@ inline float vexp(float x) {
   std::memcpy(&scale, &bits, 4);
   return p * scale;
 }
-
-inline float silu(float g) { return g / (1.0f + vexp(-g)); }
 
 inline int clamp_threads(int num_threads) { return num_threads > 0 ? num_threads : omp_get_max_threads(); }
 

@@ -86,14 +86,14 @@ void rms_norm_backward(ptr dy, ptr x, std::int64_t x_stride, ptr weight, ptr rst
           for (std::int64_t c = 0; c < cols; ++c) {
             const float n = to_float(xr[c]) * rs;
             const float dn = to_float(dyr[c]) * to_float(wp[c]);
-            dxr[c] = from_float<TX>(rs * (dn - n * mean_dot) + to_float(drr[c]));
+            dxr[c] = from_float<TX>(qwen3_fast::rms_norm_dx(rs, dn, n, mean_dot) + to_float(drr[c]));
           }
         } else {
 #pragma omp simd
           for (std::int64_t c = 0; c < cols; ++c) {
             const float n = to_float(xr[c]) * rs;
             const float dn = to_float(dyr[c]) * to_float(wp[c]);
-            dxr[c] = from_float<TX>(rs * (dn - n * mean_dot));
+            dxr[c] = from_float<TX>(qwen3_fast::rms_norm_dx(rs, dn, n, mean_dot));
           }
         }
       }

@@ -6,6 +6,7 @@
 #include <cstdint>
 
 #include "cpu_math.h"
+#include "qwen3_fast/norm_act_math.h"
 
 namespace qwen3_fast::cpu {
 
@@ -20,8 +21,9 @@ inline float sum_squares(const TX* x, std::int64_t cols) {
   return ss;
 }
 
+// 1 / rms of a row from its sum of squares (the shared host/device expression).
 inline float inv_rms(float sum_sq, std::int64_t cols, double eps) {
-  return 1.0f / std::sqrt(sum_sq / static_cast<float>(cols) + static_cast<float>(eps));
+  return qwen3_fast::rms_inv(sum_sq, cols, eps);
 }
 
 template <typename TX, typename TW>

@@ -3,6 +3,7 @@
 // The backward recomputes silu from gate_up instead of saving it.
 #include "cpu_math.h"
 #include "kernels.h"
+#include "qwen3_fast/norm_act_math.h"
 
 namespace qwen3_fast::cpu {
 
@@ -24,7 +25,8 @@ void silu_and_mul_forward(ptr gate_up, std::int64_t stride, ptr y, std::int64_t 
       T* yr = yp + r * inter;
 #pragma omp simd
       for (std::int64_t c = 0; c < inter; ++c) {
-        const float a = round_to<T>(silu(to_float(g[c])));
+        const float gv = to_float(g[c]);
+        const float a = round_to<T>(qwen3_fast::silu_from_exp_neg(gv, vexp(-gv)));
         yr[c] = from_float<T>(a * to_float(u[c]));
       }
     }
@@ -53,11 +55,10 @@ void silu_and_mul_backward(ptr dy, ptr gate_up, std::int64_t stride, ptr d_gate_
 #pragma omp simd
       for (std::int64_t c = 0; c < inter; ++c) {
         const float gv = to_float(g[c]);
-        const float sig = 1.0f / (1.0f + vexp(-gv));
+        const float sig = qwen3_fast::sigmoid_from_exp_neg(vexp(-gv));
         const float d = to_float(dyr[c]);
-        // d silu(g)/dg = sig * (1 + g * (1 - sig))
-        dg[c] = from_float<T>(d * to_float(u[c]) * sig * (1.0f + gv * (1.0f - sig)));
-        du[c] = from_float<T>(d * gv * sig);
+        dg[c] = from_float<T>(qwen3_fast::swiglu_dgate(d, gv, to_float(u[c]), sig));
+        du[c] = from_float<T>(qwen3_fast::swiglu_dup(d, gv, sig));
       }
     }
   });
