@@ -35,6 +35,10 @@ def launch(backend: str, name: str, device: torch.device, *args) -> None:
 
 
 def cuda_partial_rows(device: torch.device, rows: int) -> int:
-    """Thread blocks (and float32 partial rows) for a column reduction over `rows`."""
+    """Thread blocks (and float32 partial rows) for a column reduction over `rows`.
+
+    4 per SM: csrc/cuda/rms_norm.cu sizes its backward blocks (<= 128 threads, <= 128
+    registers) so that exactly four fit on an SM, making this grid one full wave.
+    """
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     return max(1, min(rows, 4 * sms))
