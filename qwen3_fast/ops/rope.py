@@ -3,13 +3,12 @@
 ``rope_cache(config_or_params, max_positions)`` builds the fp32 cos/sin tables
 [max_positions, D] exactly as HF's rotary embedding does (default RoPE and YaRN: beta_fast 32,
 beta_slow 1, attention factor 0.1 ln(factor) + 1 on cos and sin, or an explicit
-``attention_factor``). ``qk_norm_rope`` is Qwen3's per-head RMSNorm over head_dim on q and k
-followed by the half-split rotation at the given positions.
+``attention_factor``). ``qk_norm_rope`` (Qwen3's per-head RMSNorm over head_dim on q and k
+followed by the half-split rotation at the given positions) and its in-place twin
+``qk_norm_rope_`` live in ops/qk_norm_rope.py (fused kernels) and are re-exported here.
 
-Reference-backed for now (plain torch, autograd through torch, ops/reference.py; the
-QK-norm goes through the ``rms_norm`` op); a later
-issue puts fused kernels behind the same names. Departure from HF: HF builds cos/sin per
-batch from position_ids in every forward; here one table is built once and gathered.
+Departure from HF: HF builds cos/sin per batch from position_ids in every forward; here one
+table is built once and gathered.
 """
 from __future__ import annotations
 
@@ -19,7 +18,7 @@ import torch
 from torch import Tensor
 
 from qwen3_fast.ops import _checks, reference
-from qwen3_fast.ops.rms_norm import rms_norm
+from qwen3_fast.ops.qk_norm_rope import qk_norm_rope, qk_norm_rope_  # noqa: F401 (re-export)
 
 ROPE_TYPES = ("default", "yarn")
 
@@ -80,55 +79,3 @@ def rope_cache(config_or_params: Any, max_positions: int, device=None,
     inv_freq, attention_factor = reference.rope_inv_freq(**params)
     cos, sin = reference.rope_cos_sin(inv_freq.to(device), attention_factor, max_positions)
     return cos.to(dtype), sin.to(dtype)
-
-
-def qk_norm_rope(q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor, cos: Tensor,
-                 sin: Tensor, positions: Tensor, eps: float = 1e-6) -> tuple[Tensor, Tensor]:
-    """QK-norm then RoPE, HF-exact.
-
-    Parameters
-    ----------
-    q : [T, Hq, D] or [B, S, Hq, D];  k : [T, Hkv, D] or [B, S, Hkv, D] (same leading dims)
-    q_weight, k_weight : [D] RMSNorm weights
-    cos, sin : [P, D] tables from :func:`rope_cache`
-    positions : [T] or [B, S] integer positions < P
-    eps : RMSNorm epsilon
-
-    Returns (q_out, k_out) with q's and k's shapes, in the normed dtype (promote of x, weight).
-    """
-    _checks.check_tensor(q, "q", min_ndim=3)
-    _checks.check_tensor(k, "k", min_ndim=3)
-    if q.dim() not in (3, 4):
-        raise ValueError(f"q must be [T, Hq, D] or [B, S, Hq, D], got shape {tuple(q.shape)}")
-    if k.dim() != q.dim() or k.shape[:-2] != q.shape[:-2]:
-        raise ValueError(f"k has shape {tuple(k.shape)}; expected the leading dims of q "
-                         f"{tuple(q.shape[:-2])} plus [Hkv, D]")
-    head_dim = q.shape[-1]
-    if head_dim % 2:
-        raise ValueError(f"q has head_dim {head_dim}; expected an even size")
-    if k.shape[-1] != head_dim:
-        raise ValueError(f"k has head_dim {k.shape[-1]}; expected q's head_dim {head_dim}")
-    for name, w in (("q_weight", q_weight), ("k_weight", k_weight)):
-        _checks.check_tensor(w, name, ndim=1)
-        if w.shape[0] != head_dim:
-            raise ValueError(f"{name} has shape {tuple(w.shape)}; expected [{head_dim}]")
-        _checks.check_same_device(q, "q", w, name)
-    for name, t in (("cos", cos), ("sin", sin)):
-        _checks.check_tensor(t, name, ndim=2)
-        if t.shape[1] != head_dim:
-            raise ValueError(f"{name} has shape {tuple(t.shape)}; expected [P, {head_dim}]")
-        _checks.check_same_device(q, "q", t, name)
-    if cos.shape != sin.shape:
-        raise ValueError(f"sin has shape {tuple(sin.shape)}; expected cos's shape {tuple(cos.shape)}")
-    if not isinstance(positions, Tensor) or positions.dtype not in (torch.int32, torch.int64):
-        raise TypeError("positions must be an int32/int64 tensor, got "
-                        f"{getattr(positions, 'dtype', type(positions).__name__)}")
-    if positions.shape != q.shape[:-2]:
-        raise ValueError(f"positions has shape {tuple(positions.shape)}; expected q's leading "
-                         f"dims {tuple(q.shape[:-2])}")
-    _checks.check_same_device(q, "q", positions, "positions")
-    _checks.check_eps(eps)
-    # The norms run through the rms_norm op (C++/CUDA kernels where available, same HF
-    # rounding); the rotation is the reference until the fused kernel lands.
-    return reference.rope_rotate(rms_norm(q, q_weight, eps), rms_norm(k, k_weight, eps), cos,
-                                 sin, positions)
