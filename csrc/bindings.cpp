@@ -81,6 +81,28 @@ PYBIND11_MODULE(_C, m) {
   m.def("silu_and_mul_backward_cpu", &c::silu_and_mul_backward, arg("dy"), arg("gate_up"),
         arg("stride"), arg("d_gate_up"), arg("rows"), arg("inter"), arg("dtype"),
         arg("num_threads"), nogil);
+  m.def("qk_norm_rope_forward_cpu", &c::qk_norm_rope_forward, arg("q"), arg("q_ts"),
+        arg("q_hs"), arg("k"), arg("k_ts"), arg("k_hs"), arg("q_weight"), arg("k_weight"),
+        arg("cos"), arg("sin"), arg("positions"), arg("pos_int64"), arg("q_out"), arg("qo_ts"),
+        arg("qo_hs"), arg("k_out"), arg("ko_ts"), arg("ko_hs"), arg("q_rstd"), arg("k_rstd"),
+        arg("tokens"), arg("hq"), arg("hkv"), arg("head_dim"), arg("max_pos"), arg("eps"),
+        arg("x_dtype"), arg("w_dtype"), arg("num_threads"), nogil);
+  m.def("qk_norm_rope_backward_cpu", &c::qk_norm_rope_backward, arg("dq_out"), arg("dk_out"),
+        arg("q"), arg("q_ts"), arg("q_hs"), arg("k"), arg("k_ts"), arg("k_hs"), arg("q_weight"),
+        arg("k_weight"), arg("cos"), arg("sin"), arg("positions"), arg("pos_int64"),
+        arg("q_rstd"), arg("k_rstd"), arg("dq"), arg("dk"), arg("dq_weight"), arg("dk_weight"),
+        arg("tokens"), arg("hq"), arg("hkv"), arg("head_dim"), arg("max_pos"), arg("x_dtype"),
+        arg("w_dtype"), arg("num_threads"), nogil);
+
+  m.def("kv_quantize_cpu", &c::kv_quantize, arg("x"), arg("u"), arg("l"), arg("mn"), arg("sc"),
+        arg("outer"), arg("rows"), arg("cols"), arg("per_column"), arg("dtype"),
+        arg("num_threads"), nogil);
+  m.def("flash_decode_cpu", &c::flash_decode, arg("q"), arg("k_u"), arg("k_l"), arg("k_min"),
+        arg("k_scale"), arg("v_u"), arg("v_l"), arg("v_min"), arg("v_scale"), arg("k_buf"),
+        arg("v_buf"), arg("n_quant"), arg("lengths"), arg("out"), arg("batch"),
+        arg("heads_q"), arg("heads_kv"), arg("n_new"), arg("head_dim"), arg("quant_tokens"),
+        arg("ring"), arg("group"), arg("value_group"), arg("precision"), arg("scale"),
+        arg("dtype"), arg("num_threads"), nogil);
 
 #ifdef QWEN3_FAST_WITH_CUDA
   namespace g = qwen3_fast::cuda;
@@ -100,5 +122,27 @@ PYBIND11_MODULE(_C, m) {
   m.def("silu_and_mul_backward_cuda", &g::silu_and_mul_backward, arg("dy"), arg("gate_up"),
         arg("stride"), arg("d_gate_up"), arg("rows"), arg("inter"), arg("dtype"), arg("stream"),
         nogil);
+  m.def("qk_norm_rope_forward_cuda", &g::qk_norm_rope_forward, arg("q"), arg("q_ts"),
+        arg("q_hs"), arg("k"), arg("k_ts"), arg("k_hs"), arg("q_weight"), arg("k_weight"),
+        arg("cos"), arg("sin"), arg("positions"), arg("pos_int64"), arg("q_out"), arg("qo_ts"),
+        arg("qo_hs"), arg("k_out"), arg("ko_ts"), arg("ko_hs"), arg("q_rstd"), arg("k_rstd"),
+        arg("tokens"), arg("hq"), arg("hkv"), arg("head_dim"), arg("max_pos"), arg("eps"),
+        arg("x_dtype"), arg("w_dtype"), arg("stream"), nogil);
+  m.def("qk_norm_rope_backward_cuda", &g::qk_norm_rope_backward, arg("dq_out"), arg("dk_out"),
+        arg("q"), arg("q_ts"), arg("q_hs"), arg("k"), arg("k_ts"), arg("k_hs"), arg("q_weight"),
+        arg("k_weight"), arg("cos"), arg("sin"), arg("positions"), arg("pos_int64"),
+        arg("q_rstd"), arg("k_rstd"), arg("dq"), arg("dk"), arg("dq_weight_partial"),
+        arg("dk_weight_partial"), arg("partial_rows"), arg("tokens"), arg("hq"), arg("hkv"),
+        arg("head_dim"), arg("max_pos"), arg("x_dtype"), arg("w_dtype"), arg("stream"), nogil);
+  m.def("kv_quantize_cuda", &g::kv_quantize, arg("x"), arg("u"), arg("l"), arg("mn"), arg("sc"),
+        arg("outer"), arg("rows"), arg("cols"), arg("per_column"), arg("dtype"), arg("stream"),
+        nogil);
+  m.def("flash_decode_cuda", &g::flash_decode, arg("q"), arg("k_u"), arg("k_l"), arg("k_min"),
+        arg("k_scale"), arg("v_u"), arg("v_l"), arg("v_min"), arg("v_scale"), arg("k_buf"),
+        arg("v_buf"), arg("n_quant"), arg("lengths"), arg("out"), arg("o_part"),
+        arg("lse_part"), arg("batch"), arg("heads_q"), arg("heads_kv"), arg("n_new"),
+        arg("head_dim"), arg("quant_tokens"), arg("ring"), arg("group"), arg("value_group"),
+        arg("chunk"), arg("splits"), arg("precision"), arg("scale"), arg("dtype"),
+        arg("stream"), nogil);
 #endif
 }

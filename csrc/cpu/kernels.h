@@ -29,4 +29,44 @@ void silu_and_mul_forward(ptr gate_up, std::int64_t stride, ptr y, std::int64_t 
 // dy: [rows, inter] contiguous; d_gate_up: [rows, 2*inter] contiguous.
 void silu_and_mul_backward(ptr dy, ptr gate_up, std::int64_t stride, ptr d_gate_up,
                            std::int64_t rows, std::int64_t inter, int dtype, int num_threads);
+
+// Fused QK-norm + RoPE (qk_norm_rope.cpp). q: [tokens, hq, head_dim] with token/head strides
+// (elements, unit column stride), k likewise with hkv heads; weights [head_dim] (x dtype or
+// float32 = output dtype); cos/sin: [max_pos, head_dim] float32 contiguous; positions:
+// [tokens] int32 or int64 (pos_int64), each in [0, max_pos) or std::invalid_argument before
+// any write. Outputs with their own strides (may alias q / k: in place); q_rstd [tokens, hq]
+// and k_rstd [tokens, hkv] float32, or null to skip.
+void qk_norm_rope_forward(ptr q, std::int64_t q_ts, std::int64_t q_hs, ptr k, std::int64_t k_ts,
+                          std::int64_t k_hs, ptr q_weight, ptr k_weight, ptr cos, ptr sin,
+                          ptr positions, bool pos_int64, ptr q_out, std::int64_t qo_ts,
+                          std::int64_t qo_hs, ptr k_out, std::int64_t ko_ts, std::int64_t ko_hs,
+                          ptr q_rstd, ptr k_rstd, std::int64_t tokens, std::int64_t hq,
+                          std::int64_t hkv, std::int64_t head_dim, std::int64_t max_pos,
+                          double eps, int x_dtype, int w_dtype, int num_threads);
+// dq_out/dk_out: contiguous, weight dtype; dq/dk: contiguous, x dtype; dq_weight/dk_weight:
+// [head_dim] float32 (overwritten).
+void qk_norm_rope_backward(ptr dq_out, ptr dk_out, ptr q, std::int64_t q_ts, std::int64_t q_hs,
+                           ptr k, std::int64_t k_ts, std::int64_t k_hs, ptr q_weight,
+                           ptr k_weight, ptr cos, ptr sin, ptr positions, bool pos_int64,
+                           ptr q_rstd, ptr k_rstd, ptr dq, ptr dk, ptr dq_weight, ptr dk_weight,
+                           std::int64_t tokens, std::int64_t hq, std::int64_t hkv,
+                           std::int64_t head_dim, std::int64_t max_pos, int x_dtype, int w_dtype,
+                           int num_threads);
+// QuantSpec KV quantization (csrc/include/qwen3_fast/kv_quant_math.h). x: [outer, rows,
+// cols] contiguous; per_column: groups are the columns of each [rows, cols] tile (keys),
+// min/scale [outer, cols]; else groups are rows (values), min/scale [outer, rows].
+// u, l: [outer, rows, cols/2] uint8 (nibble-packed upper/lower halves of the 8-bit code).
+void kv_quantize(ptr x, ptr u, ptr l, ptr mn, ptr sc, std::int64_t outer, std::int64_t rows,
+                 std::int64_t cols, int per_column, int dtype, int num_threads);
+// Flash-decoding over a hierarchical cache layer (precision 8/4) or a dense one (16: k_buf/
+// v_buf are [B, Hkv, ring = T, D], quantized pointers unused). q, out: [B, Hq, n, D];
+// k_u..v_l: [B, Hkv, quant_tokens, D/2] uint8; k_min/k_scale [B, Hkv, quant_tokens/G, D];
+// v_min/v_scale [B, Hkv, quant_tokens, D/value_group]; k_buf/v_buf [B, Hkv, ring, D];
+// n_quant, lengths: [B] int32 (lengths include the n new tokens).
+void flash_decode(ptr q, ptr k_u, ptr k_l, ptr k_min, ptr k_scale, ptr v_u, ptr v_l,
+                  ptr v_min, ptr v_scale, ptr k_buf, ptr v_buf, ptr n_quant, ptr lengths,
+                  ptr out, std::int64_t batch, std::int64_t heads_q, std::int64_t heads_kv,
+                  std::int64_t n_new, std::int64_t head_dim, std::int64_t quant_tokens,
+                  std::int64_t ring, std::int64_t group, std::int64_t value_group,
+                  int precision, double scale, int dtype, int num_threads);
 }  // namespace qwen3_fast::cpu

@@ -25,4 +25,34 @@ void silu_and_mul_forward(ptr gate_up, std::int64_t stride, ptr y, std::int64_t 
                           std::int64_t inter, int dtype, ptr stream);
 void silu_and_mul_backward(ptr dy, ptr gate_up, std::int64_t stride, ptr d_gate_up,
                            std::int64_t rows, std::int64_t inter, int dtype, ptr stream);
+// QuantSpec KV quantization: same layout as the CPU launcher (csrc/cpu/kernels.h).
+void kv_quantize(ptr x, ptr u, ptr l, ptr mn, ptr sc, std::int64_t outer, std::int64_t rows,
+                 std::int64_t cols, int per_column, int dtype, ptr stream);
+// Flash-decoding: as the CPU launcher, plus a float32 workspace from Python: o_part
+// [B*Hkv*splits*4, R, D] and lse_part [B*Hkv*splits*4, R] (R = Hq/Hkv * n), with the token
+// chunk per block (`chunk`, splits = ceil(max length / chunk)); head_dim 64, 128 or 256.
+void flash_decode(ptr q, ptr k_u, ptr k_l, ptr k_min, ptr k_scale, ptr v_u, ptr v_l,
+                  ptr v_min, ptr v_scale, ptr k_buf, ptr v_buf, ptr n_quant, ptr lengths,
+                  ptr out, ptr o_part, ptr lse_part, std::int64_t batch, std::int64_t heads_q,
+                  std::int64_t heads_kv, std::int64_t n_new, std::int64_t head_dim,
+                  std::int64_t quant_tokens, std::int64_t ring, std::int64_t group,
+                  std::int64_t value_group, std::int64_t chunk, std::int64_t splits,
+                  int precision, double scale, int dtype, ptr stream);
+// Fused QK-norm + RoPE: arguments as the CPU launchers (csrc/cpu/kernels.h). Out-of-range
+// positions give NaN outputs (no table read) instead of an exception.
+void qk_norm_rope_forward(ptr q, std::int64_t q_ts, std::int64_t q_hs, ptr k, std::int64_t k_ts,
+                          std::int64_t k_hs, ptr q_weight, ptr k_weight, ptr cos, ptr sin,
+                          ptr positions, bool pos_int64, ptr q_out, std::int64_t qo_ts,
+                          std::int64_t qo_hs, ptr k_out, std::int64_t ko_ts, std::int64_t ko_hs,
+                          ptr q_rstd, ptr k_rstd, std::int64_t tokens, std::int64_t hq,
+                          std::int64_t hkv, std::int64_t head_dim, std::int64_t max_pos,
+                          double eps, int x_dtype, int w_dtype, ptr stream);
+// dq_weight_partial / dk_weight_partial: [partial_rows, head_dim] float32, fully written.
+void qk_norm_rope_backward(ptr dq_out, ptr dk_out, ptr q, std::int64_t q_ts, std::int64_t q_hs,
+                           ptr k, std::int64_t k_ts, std::int64_t k_hs, ptr q_weight,
+                           ptr k_weight, ptr cos, ptr sin, ptr positions, bool pos_int64,
+                           ptr q_rstd, ptr k_rstd, ptr dq, ptr dk, ptr dq_weight_partial,
+                           ptr dk_weight_partial, std::int64_t partial_rows, std::int64_t tokens,
+                           std::int64_t hq, std::int64_t hkv, std::int64_t head_dim,
+                           std::int64_t max_pos, int x_dtype, int w_dtype, ptr stream);
 }  // namespace qwen3_fast::cuda

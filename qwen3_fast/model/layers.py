@@ -41,16 +41,26 @@ class Qwen3Attention(nn.Module):
         self.k_norm = ops.RMSNorm(d, eps=config.rms_norm_eps)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor,
-                attention_mask: Optional[Tensor]) -> Tensor:
+                attention_mask: Optional[Tensor], cache=None, precision: int = 16) -> Tensor:
         # x: [B, S, H]; cos/sin: [P, D] fp32; positions: [B, S]; attention_mask: [B, S] or None
+        # cache: a qwen3_fast.cache cache whose begin_step already reserved this step's tokens
         b, s, _ = x.shape
         q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim)  # [B, S, Hq, D]
         k = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim)  # [B, S, Hkv, D]
         v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim)
         q, k = qk_norm_rope(q, k, self.q_norm.weight, self.k_norm.weight, cos, sin, positions,
                             self.eps)
-        o = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True,
-                      attention_mask=attention_mask, scale=self.scaling)  # [B, Hq, S, D]
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, S, D]
+        if cache is not None:
+            cache.write(self.layer_idx, k, v)
+        if cache is None or cache.is_empty_before_step():
+            # prefill: SDPA over this step's keys (causal, GQA, padding mask)
+            o = attention(q, k, v, causal=True, attention_mask=attention_mask,
+                          scale=self.scaling)  # [B, Hq, S, D]
+        else:
+            # decode (S = 1) or verify / chunked prefill (S > 1, causal among the new tokens)
+            o = ops.flash_decode(q.contiguous(), cache, self.layer_idx, precision,
+                                 scale=self.scaling)
         return self.o_proj(o.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim))
 
 
@@ -80,8 +90,8 @@ class Qwen3DecoderLayer(nn.Module):
         self.post_attention_layernorm = ops.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     def forward(self, x: Tensor, residual: Optional[Tensor], cos: Tensor, sin: Tensor,
-                positions: Tensor, attention_mask: Optional[Tensor]
-                ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+                positions: Tensor, attention_mask: Optional[Tensor], cache=None,
+                precision: int = 16) -> tuple[Tensor, Tensor, Optional[Tensor]]:
         """x: previous sublayer output [B, S, H] (the embeddings when residual is None).
 
         Returns (mlp output, residual stream, router logits [B*S, E] or None).
@@ -92,7 +102,7 @@ class Qwen3DecoderLayer(nn.Module):
             h = ops.rms_norm(x, self.input_layernorm.weight, eps)
         else:
             h, residual = ops.add_rms_norm(x, residual, self.input_layernorm.weight, eps)
-        h = self.self_attn(h, cos, sin, positions, attention_mask)
+        h = self.self_attn(h, cos, sin, positions, attention_mask, cache, precision)
         h, residual = ops.add_rms_norm(h, residual, self.post_attention_layernorm.weight,
                                        self.post_attention_layernorm.variance_epsilon)
         router_logits = None

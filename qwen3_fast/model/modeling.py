@@ -9,8 +9,18 @@ Matches HF transformers 4.57 (logits, loss, aux_loss) including its position rul
 ``position_ids``, positions are 0..S-1 for every row, also for left-padded rows (HF does not
 derive positions from the mask); pass ``position_ids`` to shift them. ``aux_loss`` is HF's
 unscaled load-balancing loss; ``loss`` gets ``router_aux_loss_coef * aux_loss`` added when
-labels are given and router logits are requested. Departures: no KV cache here (the engine
-owns caches), RoPE tables are built once per device and grown on demand.
+labels are given and router logits are requested. Departures: RoPE tables are built once
+per device and grown on demand; the KV cache is a qwen3_fast.cache object (the engine owns
+it, :meth:`Qwen3ForCausalLM.new_cache` builds one) passed as ``cache=``.
+
+KV cache path (one code path for prefill and decode): ``forward(ids, cache=cache)`` reserves
+the step's tokens in the cache (``begin_step``), every attention layer writes its keys and
+values, then attends with torch SDPA when the cache was empty before the step (prefill:
+causal, GQA, padding mask) or with ``ops.flash_decode`` otherwise (decode, n = 1; verify or
+chunked prefill, n > 1). Positions default to each sequence's cached length + 0..S-1.
+Batched prefill of ragged prompts uses RIGHT padding: ``attention_mask`` row b is
+counts[b] ones then zeros, and only those tokens enter the cache; later steps add the same
+number of tokens to every sequence (no mask).
 
     model = Qwen3ForCausalLM.from_pretrained("path/to/Qwen3-0.6B", dtype=torch.bfloat16)
     out = model(input_ids, attention_mask=mask, labels=input_ids)
@@ -67,9 +77,15 @@ class Qwen3Model(nn.Module):
         return cached[1], cached[2]
 
     def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
-                position_ids: Optional[Tensor] = None) -> tuple[Tensor, list]:
+                position_ids: Optional[Tensor] = None, cache=None,
+                precision: Optional[int] = None) -> tuple[Tensor, list]:
         # input_ids: [B, S] -> (hidden [B, S, H], router logits per sparse layer)
         b, s = input_ids.shape
+        if cache is not None:
+            attention_mask, position_ids, precision = self._begin_cache_step(
+                cache, input_ids, attention_mask, position_ids, precision)
+        else:
+            precision = 16
         if position_ids is None:
             positions = torch.arange(s, device=input_ids.device).expand(b, s)
             needed = s
@@ -85,13 +101,51 @@ class Qwen3Model(nn.Module):
         residual = None
         router_logits = []
         for layer in self.layers:
-            x, residual, logits = layer(x, residual, cos, sin, positions, attention_mask)
+            x, residual, logits = layer(x, residual, cos, sin, positions, attention_mask,
+                                        cache, precision)
             if logits is not None:
                 router_logits.append(logits)
         if residual is None:  # no layers
             return ops.rms_norm(x, self.norm.weight, self.norm.variance_epsilon), router_logits
         x, _ = ops.add_rms_norm(x, residual, self.norm.weight, self.norm.variance_epsilon)
         return x, router_logits
+
+
+    def _begin_cache_step(self, cache, input_ids: Tensor, attention_mask: Optional[Tensor],
+                          position_ids: Optional[Tensor], precision: Optional[int]):
+        """Reserve this step's tokens in `cache`; returns (mask, positions, precision)."""
+        b, s = input_ids.shape
+        cfg = self.config
+        if (cache.num_layers, cache.batch_size, cache.num_kv_heads, cache.head_dim) != \
+                (cfg.num_hidden_layers, b, cfg.num_key_value_heads, cfg.head_dim):
+            raise ValueError(
+                f"cache has (layers, batch, kv heads, head_dim) = ({cache.num_layers}, "
+                f"{cache.batch_size}, {cache.num_kv_heads}, {cache.head_dim}); expected "
+                f"({cfg.num_hidden_layers}, {b}, {cfg.num_key_value_heads}, {cfg.head_dim})")
+        if cache.dtype != self.embed_tokens.weight.dtype:
+            raise TypeError(f"cache has dtype {cache.dtype}; expected the model dtype "
+                            f"{self.embed_tokens.weight.dtype}")
+        if precision is None:
+            precision = cache.precisions[0]
+        if precision not in cache.precisions:
+            raise ValueError(f"precision {precision} does not fit a {cache.format} cache "
+                             f"(expected one of {cache.precisions})")
+        counts = [s] * b
+        if attention_mask is not None and not bool(attention_mask.all()):
+            counts = attention_mask.sum(1).tolist()
+            right = torch.arange(s, device=attention_mask.device).view(1, s) < \
+                attention_mask.sum(1, keepdim=True)
+            if not torch.equal(attention_mask.to(torch.bool), right):
+                raise ValueError("attention_mask with a cache must be right padding (each "
+                                 "row: ones, then zeros)")
+            if any(cache.seq_lengths()):
+                raise ValueError("a padding mask is only allowed on the first (prefill) step "
+                                 "of a cache; later steps add S tokens to every sequence")
+        if position_ids is None:
+            start = torch.tensor(cache.seq_lengths(), device=input_ids.device).view(b, 1)
+            position_ids = start + torch.arange(s, device=input_ids.device).view(1, s)
+        cache.begin_step(counts)
+        return attention_mask, position_ids, precision
 
 
 class Qwen3ForCausalLM(nn.Module):
@@ -142,14 +196,32 @@ class Qwen3ForCausalLM(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
 
+    # ------------------------------------------------------------------ caches
+    def new_cache(self, batch_size: int, max_length: int, kind: str = "dense",
+                  group_size: int = 128):
+        """A preallocated KV cache for this model: kind "dense" or "hierarchical"."""
+        from qwen3_fast.cache import DenseKVCache, HierarchicalKVCache
+
+        cfg = self.config
+        args = (cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, cfg.head_dim,
+                max_length, self.dtype, self.device)
+        if kind == "dense":
+            return DenseKVCache(*args)
+        if kind == "hierarchical":
+            return HierarchicalKVCache(*args, group_size=group_size)
+        raise ValueError(f"kind must be 'dense' or 'hierarchical', got {kind!r}")
+
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
                 position_ids: Optional[Tensor] = None, labels: Optional[Tensor] = None,
                 output_router_logits: Optional[bool] = None,
-                logits_to_keep: int = 0) -> CausalLMOutput:
+                logits_to_keep: int = 0, cache=None,
+                precision: Optional[int] = None) -> CausalLMOutput:
         """input_ids [B, S]; attention_mask [B, S] keep-mask (1 = token, 0 = padding);
         position_ids [B, S] or [1, S] (default 0..S-1, as HF); labels [B, S] with -100 ignored
-        (shifted inside, mean over kept tokens); logits_to_keep: 0 = all, n = last n."""
+        (shifted inside, mean over kept tokens); logits_to_keep: 0 = all, n = last n.
+        cache: a DenseKVCache / HierarchicalKVCache (see the module docstring); precision:
+        16 (dense), 8 or 4 (hierarchical; default 8)."""
         if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
             raise ValueError("input_ids must be an integer tensor [B, S], got "
                              f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
@@ -166,7 +238,8 @@ class Qwen3ForCausalLM(nn.Module):
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits
 
-        hidden, router_logits = self.model(input_ids, attention_mask, position_ids)
+        hidden, router_logits = self.model(input_ids, attention_mask, position_ids, cache,
+                                           precision)
         kept = hidden if logits_to_keep == 0 else hidden[:, -logits_to_keep:]
         logits = self.lm_head(kept)  # [B, S, V]
 

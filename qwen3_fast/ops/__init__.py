@@ -9,15 +9,20 @@ from qwen3_fast.ops import reference
 from qwen3_fast.ops._backend import BACKENDS, get_backend, set_backend, use_backend
 from qwen3_fast.ops.add_rms_norm import add_rms_norm
 from qwen3_fast.ops.attention import attention
+from qwen3_fast.ops.flash_decode import flash_decode
+from qwen3_fast.ops.kv_quantize import kv_dequantize, kv_quantize
 from qwen3_fast.ops.moe import load_balancing_loss, moe_experts, moe_route
 from qwen3_fast.ops.rms_norm import RMSNorm, rms_norm
-from qwen3_fast.ops.rope import qk_norm_rope, rope_cache
+from qwen3_fast.ops.qk_norm_rope import qk_norm_rope, qk_norm_rope_
+from qwen3_fast.ops.rope import rope_cache
 from qwen3_fast.ops.silu_and_mul import silu_and_mul
 
-# Ops with compiled kernels and a backend choice. rope_cache, qk_norm_rope, attention and
-# the MoE ops are reference-backed (plain torch) until their kernel issues land.
-OPS = ("rms_norm", "add_rms_norm", "silu_and_mul")
+# Ops with compiled kernels and a backend choice. rope_cache, attention and the MoE ops are
+# reference-backed (plain torch) until their kernel issues land.
+OPS = ("rms_norm", "add_rms_norm", "silu_and_mul", "qk_norm_rope", "kv_quantize",
+       "flash_decode")
 
-__all__ = ["BACKENDS", "OPS", "RMSNorm", "add_rms_norm", "attention", "get_backend",
-           "load_balancing_loss", "moe_experts", "moe_route", "qk_norm_rope", "reference",
-           "rms_norm", "rope_cache", "set_backend", "silu_and_mul", "use_backend"]
+__all__ = ["BACKENDS", "OPS", "RMSNorm", "add_rms_norm", "attention", "flash_decode",
+           "get_backend", "kv_dequantize", "kv_quantize",
+           "load_balancing_loss", "moe_experts", "moe_route", "qk_norm_rope", "qk_norm_rope_",
+           "reference", "rms_norm", "rope_cache", "set_backend", "silu_and_mul", "use_backend"]

@@ -30,6 +30,9 @@ GPU_VERIFIED: dict[str, tuple[str, ...]] = {
     "rms_norm": (),
     "add_rms_norm": (),
     "silu_and_mul": (),
+    "qk_norm_rope": (),
+    "kv_quantize": (),
+    "flash_decode": (),
 }
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

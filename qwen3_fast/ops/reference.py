@@ -182,3 +182,99 @@ def load_balancing_loss(router_logits_per_layer, num_experts: int, top_k: int,
         m_e = m[None, :, :, None].expand(layers, b, s, num_experts).reshape(-1, num_experts)
         prob_per_expert = (probs * m_e).sum(dim=0) / m_e.sum(dim=0)
     return (tokens_per_expert * prob_per_expert.unsqueeze(0)).sum() * num_experts
+
+
+# ---------------------------------------------------------------- hierarchical KV (QuantSpec)
+# Format: DESIGN.md "KV caches" and csrc/include/qwen3_fast/kv_quant_math.h.
+def kv_group_stats(x: torch.Tensor, dim: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """min and scale (max - min) / 15 over `dim` (kept), stored in `dtype`; the scale is
+    rounded up to `dtype` so that 15 * scale covers the group's range."""
+    xf = x.to(torch.float32)
+    mn32 = xf.amin(dim, keepdim=True)
+    rng = xf.amax(dim, keepdim=True) - mn32
+    s = (rng / 15.0).to(dtype)
+    s = torch.where(s.to(torch.float32) * 15.0 < rng, torch.nextafter(s, torch.full_like(s, float("inf"))), s)
+    return mn32.to(dtype), s
+
+
+def kv_codes(x: torch.Tensor, mn: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Exact 8-bit codes in [0, 240] (int32), broadcasting min/scale; 0 where s == 0."""
+    step = s.to(torch.float32) * 0.0625
+    y = (x.to(torch.float32) - mn.to(torch.float32)) / torch.where(step > 0, step, torch.ones_like(step))
+    y = torch.where(step > 0, y, torch.zeros_like(y))
+    return torch.floor(y + 0.5).clamp(0, 240).to(torch.int32)
+
+
+def kv_pack_nibbles(n: torch.Tensor) -> torch.Tensor:
+    """[..., C] ints in 0..15 -> [..., C/2] uint8 (element 2i low nibble, 2i+1 high)."""
+    n = n.to(torch.uint8)
+    return n[..., 0::2] | (n[..., 1::2] << 4)
+
+
+def kv_unpack_nibbles(p: torch.Tensor) -> torch.Tensor:
+    """[..., C/2] uint8 -> [..., C] int32."""
+    lo, hi = (p & 15).to(torch.int32), (p >> 4).to(torch.int32)
+    return torch.stack((lo, hi), dim=-1).flatten(-2)
+
+
+def kv_quantize(x: torch.Tensor, kind: str, group_size: int
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """QuantSpec quantization of keys or values (x in the model dtype).
+
+    kind "key":   x [..., T, D], T % G == 0: per channel over groups of G tokens ->
+                  U, L [..., T, D/2] uint8; min, scale [..., T/G, D]
+    kind "value": x [..., D], D % G == 0: per token over groups of G along D ->
+                  U, L [..., D/2] uint8; min, scale [..., D/G]
+    """
+    if kind == "key":
+        *lead, t, d = x.shape
+        g = x.reshape(*lead, t // group_size, group_size, d)
+        mn, s = kv_group_stats(g, -2, x.dtype)  # [..., T/G, 1, D]
+        c = kv_codes(g, mn, s).reshape(*lead, t, d)
+        mn, s = mn.squeeze(-2), s.squeeze(-2)
+    else:
+        *lead, d = x.shape
+        g = x.reshape(*lead, d // group_size, group_size)
+        mn, s = kv_group_stats(g, -1, x.dtype)  # [..., D/G, 1]
+        c = kv_codes(g, mn, s).reshape(*lead, d)
+        mn, s = mn.squeeze(-1), s.squeeze(-1)
+    u = (c + 8) >> 4
+    lo = c - 16 * u + 8
+    return kv_pack_nibbles(u), kv_pack_nibbles(lo), mn, s
+
+
+def kv_dequantize(u: torch.Tensor, lo: torch.Tensor | None, mn: torch.Tensor, s: torch.Tensor,
+                  kind: str, group_size: int, bits: int = 8) -> torch.Tensor:
+    """Inverse of :func:`kv_quantize` in float32: bits 8 reads U and L, bits 4 only U."""
+    uc = kv_unpack_nibbles(u)
+    c = 16 * uc if bits == 4 else 16 * uc + kv_unpack_nibbles(lo) - 8
+    step = s.to(torch.float32) * 0.0625
+    mnf = mn.to(torch.float32)
+    if kind == "key":
+        *lead, t, d = c.shape
+        cg = c.reshape(*lead, t // group_size, group_size, d).to(torch.float32)
+        return (cg * step.unsqueeze(-2) + mnf.unsqueeze(-2)).reshape(*lead, t, d)
+    *lead, d = c.shape
+    cg = c.reshape(*lead, d // group_size, group_size).to(torch.float32)
+    return (cg * step.unsqueeze(-1) + mnf.unsqueeze(-1)).reshape(*lead, d)
+
+
+def flash_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor,
+                 scale: float) -> torch.Tensor:
+    """Decode attention over a cache, fp32 math: q [B, Hq, n, D] are the newest n tokens of
+    each sequence (already in the cache), k/v [B, Hkv, T, D] (any float dtype, the logical
+    token order), lengths [B] valid tokens. Query i of sequence b sits at position
+    lengths[b] - n + i and reads keys 0..that position. -> [B, Hq, n, D] in q's dtype."""
+    b, hq, n, d = q.shape
+    hkv, t = k.shape[1], k.shape[2]
+    groups = hq // hkv
+    qf = q.to(torch.float32).reshape(b, hkv, groups * n, d)
+    kf, vf = k.to(torch.float32), v.to(torch.float32)
+    scores = torch.einsum("bhrd,bhtd->bhrt", qf, kf) * scale  # [B, Hkv, G*n, T]
+    pos = lengths.to(torch.int64).view(b, 1) - n + torch.arange(n, device=q.device).view(1, n)
+    allowed = torch.arange(t, device=q.device).view(1, 1, t) <= pos.view(b, n, 1)  # [B, n, T]
+    allowed = allowed.unsqueeze(1).expand(b, groups, n, t).reshape(b, 1, groups * n, t)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    p = torch.softmax(scores, dim=-1)
+    o = torch.einsum("bhrt,bhtd->bhrd", p, vf)
+    return o.reshape(b, hq, n, d).to(q.dtype)
