@@ -1,6 +1,7 @@
 """Shared test helpers: which (device, backend) pairs exist here, and dtype tolerances."""
 from __future__ import annotations
 
+import importlib
 import os
 
 import torch
@@ -57,3 +58,27 @@ def assert_close_to_oracle(actual: torch.Tensor, oracle: torch.Tensor, dtype: to
     rtol, atol = ELEM_TOL[dtype]
     torch.testing.assert_close(a, o, rtol=rtol * scale, atol=atol * scale * max(1.0, o.abs().max().item()),
                                msg=lambda m: f"{name}: {m}")
+
+
+def require_interpreted_triton(kernels: dict[str, str]) -> None:
+    """Skip unless the Triton kernels {module: kernel name} run in the interpreter here.
+
+    Without a GPU this conftest set TRITON_INTERPRET=1 before triton loaded, so they do.
+    With a GPU the process compiles Triton kernels (the cuda-marked tests cover those);
+    set TRITON_INTERPRET=1 yourself to test the interpreter on CPU there.
+    """
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("a GPU is present, so this process compiles Triton kernels; run with "
+                    "TRITON_INTERPRET=1 to test the interpreter on CPU")
+    from triton.runtime.interpreter import InterpretedFunction
+
+    for module, kernel in kernels.items():
+        if not isinstance(getattr(importlib.import_module(module), kernel), InterpretedFunction):
+            pytest.skip(f"{module} was imported compiled in this process; run with "
+                        "TRITON_INTERPRET=1 set from the start")
+
+
+def ulp(e: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """One unit in the last place of `dtype` at the magnitude of `e`."""
+    info = torch.finfo(dtype)
+    return info.eps * torch.exp2(torch.floor(torch.log2(e.abs().clamp_min(info.tiny))))

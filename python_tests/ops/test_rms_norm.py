@@ -67,7 +67,7 @@ def test_row_strided_input(device, backend):
 
 @pytest.mark.parametrize("device,backend", compiled_backends())
 def test_bf16_bit_exact_with_hf_module(device, backend):
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
 
     torch.manual_seed(1)

@@ -1,12 +1,10 @@
 """Triton kernels (qwen3_fast/ops/triton/) against qwen3_fast.ops.reference.
 
 Runs on CPU tensors through the Triton interpreter and, with a GPU, on CUDA tensors with
-compiled kernels. Triton decides interpreted-or-compiled when a kernel module is imported
-(it reads TRITON_INTERPRET at ``@triton.jit`` time), so one process is one or the other:
-- no GPU: the ``interpreted`` fixture sets TRITON_INTERPRET=1 for this module only, before
-  the kernel modules are first imported; no need to set it yourself;
-- a GPU and no TRITON_INTERPRET: the CPU tests skip and the CUDA test compiles;
-- TRITON_INTERPRET=1 from the start: the CPU tests run and the CUDA test skips.
+compiled kernels. Triton decides interpreted-or-compiled when triton and a kernel module
+are first imported, so one process is one or the other: without a GPU python_tests/
+conftest.py sets TRITON_INTERPRET=1 before anything imports triton; with a GPU the CPU
+tests skip and the CUDA test compiles (set TRITON_INTERPRET=1 to test the interpreter).
 
 Forwards compare with the reference run on the same dtype (bit-exact up to 1 ulp of the
 dtype where the fp32 sum order flips a rounding); gradients compare with the reference
@@ -26,13 +24,14 @@ import torch
 import qwen3_fast.ops as ops
 from qwen3_fast.ops import reference
 
+from conftest import require_interpreted_triton, ulp
+
 pytestmark = [
     pytest.mark.triton,
     pytest.mark.skipif(importlib.util.find_spec("triton") is None,
                        reason="triton is not installed (pip install '.[triton]')"),
 ]
 
-_INTERPRET_AT_START = os.environ.get("TRITON_INTERPRET") == "1"
 _KERNELS = (("rms_norm", "_rms_norm_forward_kernel"),
             ("add_rms_norm", "_add_rms_norm_forward_kernel"),
             ("silu_and_mul", "_silu_and_mul_forward_kernel"))
@@ -45,30 +44,12 @@ GRAD_TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5),
             torch.float16: dict(atol=3e-3, rtol=3e-3)}
 
 
-def _kernels_interpreted() -> bool:
-    """Import the kernel modules (first import fixes the mode) and report the mode."""
-    from triton.runtime.interpreter import InterpretedFunction
-
-    modes = {isinstance(getattr(importlib.import_module(f"qwen3_fast.ops.triton.{m}"), k),
-                        InterpretedFunction) for m, k in _KERNELS}
-    if len(modes) != 1:
-        pytest.skip("Triton kernel modules were imported in mixed interpreted/compiled modes")
-    return modes.pop()
 
 
 @pytest.fixture(scope="module")
 def interpreted():
     """TRITON_INTERPRET=1 while this module's CPU tests run (see the module docstring)."""
-    with pytest.MonkeyPatch.context() as mp:
-        if not _INTERPRET_AT_START:
-            if torch.cuda.is_available():
-                pytest.skip("a GPU is present, so this process compiles Triton kernels; run "
-                            "with TRITON_INTERPRET=1 set to test the interpreter on CPU")
-            mp.setenv("TRITON_INTERPRET", "1")
-        if not _kernels_interpreted():
-            pytest.skip("the Triton kernel modules were already imported compiled in this "
-                        "process; run with TRITON_INTERPRET=1 set from the start")
-        yield
+    require_interpreted_triton({f"qwen3_fast.ops.triton.{m}": k for m, k in _KERNELS})
 
 
 def _randn(*shape, dtype, seed: int, device="cpu", scale=1.0, shift=0.0) -> torch.Tensor:
@@ -86,9 +67,6 @@ def _rows_of(rows, cols, dtype, strided, seed, device="cpu", scale=1.0) -> torch
     return wide.requires_grad_()[:, 2:2 + cols]
 
 
-def _ulp(e: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    info = torch.finfo(dtype)
-    return info.eps * torch.exp2(torch.floor(torch.log2(e.abs().clamp_min(info.tiny))))
 
 
 def _assert_forward(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
@@ -102,7 +80,7 @@ def _assert_forward(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.d
         torch.testing.assert_close(actual, expected)
         return
     a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
-    bad = (a - e).abs() > _ulp(e, dtype)
+    bad = (a - e).abs() > ulp(e, dtype)
     assert not bad.any(), (f"{int(bad.sum())}/{a.numel()} values off by more than 1 ulp; "
                            f"max |diff| {(a - e).abs().max().item():.3g}")
     assert (a == e).double().mean() >= 0.98
@@ -126,7 +104,7 @@ def _check_dw(actual: torch.Tensor, expected: torch.Tensor, x_dtype: torch.dtype
     assert actual.dtype == expected.dtype
     torch.testing.assert_close(actual.float(), expected.float(), **GRAD_TOL[x_dtype])
     a, e = actual.double().cpu(), expected.double().cpu()
-    tight = (a - e).abs() <= torch.maximum(_ulp(e, actual.dtype), 1e-6 * (1 + e.abs()))
+    tight = (a - e).abs() <= torch.maximum(ulp(e, actual.dtype), 1e-6 * (1 + e.abs()))
     assert tight.double().mean() >= 0.98, f"{int((~tight).sum())}/{a.numel()} not within 1 ulp"
 
 
@@ -231,7 +209,7 @@ def test_zero_rows(interpreted):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_compiled():
     """Compiled kernels: bf16 and fp16, odd and wide shapes, forward and gradients."""
-    if _kernels_interpreted():
+    if os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("TRITON_INTERPRET=1: the kernels are interpreted; run without it to "
                     "test the compiled kernels")
     for dtype in (torch.bfloat16, torch.float16):

@@ -1,8 +1,8 @@
 """Triton qk_norm_rope (qwen3_fast/ops/triton/qk_norm_rope.py) against HF math and the CPU kernel.
 
-Same interpreter approach as test_triton_ops.py: without a GPU the ``interpreted`` fixture
-sets TRITON_INTERPRET=1 before the kernel module is first imported; with a GPU (and no
-TRITON_INTERPRET) the CPU cases skip and ``test_cuda_compiled`` runs the compiled kernels.
+Same interpreter approach as test_triton_ops.py: without a GPU python_tests/conftest.py sets
+TRITON_INTERPRET=1 before triton loads; with a GPU (and no TRITON_INTERPRET) the CPU cases
+skip and ``test_cuda_compiled`` runs the compiled kernels.
 
 Forwards compare with the reference on the same dtype (bf16/fp16 within 1 ulp and >= 99%
 bit-equal; fp32 to fp32 precision); gradients with HF math in float64 on the same values.
@@ -21,7 +21,7 @@ import torch
 import qwen3_fast.ops as ops
 from qwen3_fast.ops import reference
 
-from conftest import assert_close_to_oracle
+from conftest import assert_close_to_oracle, require_interpreted_triton, ulp
 
 pytestmark = [
     pytest.mark.triton,
@@ -29,7 +29,6 @@ pytestmark = [
                        reason="triton is not installed (pip install '.[triton]')"),
 ]
 
-_INTERPRET_AT_START = os.environ.get("TRITON_INTERPRET") == "1"
 EPS = 1e-6
 YARN = {"head_dim": 0, "rope_theta": 1e6,
         "rope_scaling": {"rope_type": "yarn", "factor": 4.0,
@@ -38,26 +37,12 @@ MAX_POS = 131072
 _TABLES: dict = {}
 
 
-def _kernels_interpreted() -> bool:
-    from triton.runtime.interpreter import InterpretedFunction
-
-    mod = importlib.import_module("qwen3_fast.ops.triton.qk_norm_rope")
-    return isinstance(mod._qk_norm_rope_forward_kernel, InterpretedFunction)
 
 
 @pytest.fixture(scope="module")
 def interpreted():
     """TRITON_INTERPRET=1 while this module's CPU tests run (see the module docstring)."""
-    with pytest.MonkeyPatch.context() as mp:
-        if not _INTERPRET_AT_START:
-            if torch.cuda.is_available():
-                pytest.skip("a GPU is present, so this process compiles Triton kernels; run "
-                            "with TRITON_INTERPRET=1 set to test the interpreter on CPU")
-            mp.setenv("TRITON_INTERPRET", "1")
-        if not _kernels_interpreted():
-            pytest.skip("the Triton kernel module was already imported compiled in this "
-                        "process; run with TRITON_INTERPRET=1 set from the start")
-        yield
+    require_interpreted_triton({"qwen3_fast.ops.triton.qk_norm_rope": "_qk_norm_rope_forward_kernel"})
 
 
 def _tables(d: int, device="cpu"):
@@ -66,9 +51,6 @@ def _tables(d: int, device="cpu"):
     return _TABLES[(d, device)]
 
 
-def _ulp(e: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    info = torch.finfo(dtype)
-    return info.eps * torch.exp2(torch.floor(torch.log2(e.abs().clamp_min(info.tiny))))
 
 
 def _assert_forward(actual, expected, dtype, name):
@@ -77,7 +59,7 @@ def _assert_forward(actual, expected, dtype, name):
     if dtype == torch.float32:
         torch.testing.assert_close(a, e, rtol=2e-6, atol=2e-6, msg=name)
         return
-    tol = 2 * _ulp(e, dtype) + 2 * torch.finfo(dtype).eps * e.abs().max()
+    tol = 2 * ulp(e, dtype) + 2 * torch.finfo(dtype).eps * e.abs().max()
     assert bool(((a - e).abs() <= tol).all()), f"{name}: max |diff| {(a - e).abs().max():.3g}"
     assert (a == e).double().mean() >= 0.99, f"{name}: {(a != e).double().mean():.2%} differ"
 
@@ -184,7 +166,7 @@ def test_zero_tokens(interpreted):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_compiled():
     """The same checks with compiled kernels on a GPU (skips when interpreted)."""
-    if _kernels_interpreted():
+    if os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("TRITON_INTERPRET=1: the kernels are interpreted; run without it to "
                     "compile them on the GPU")
     for dtype in (torch.float32, torch.bfloat16, torch.float16):

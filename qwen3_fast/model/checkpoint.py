@@ -95,7 +95,7 @@ def _read_header(file: str) -> dict[str, tuple[tuple[int, ...], str]]:
     out, end = {}, 0
     for key, info in header.items():
         try:
-            shape, dtype, (start, stop) = tuple(info["shape"]), info["dtype"], info["data_offsets"]
+            shape, dtype, (_start, stop) = tuple(info["shape"]), info["dtype"], info["data_offsets"]
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{name}: corrupt header entry for {key!r}") from None
         out[key] = (shape, dtype)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-import torch
 from torch import Tensor
 
 from qwen3_fast.ops import _checks, reference
