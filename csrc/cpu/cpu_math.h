@@ -41,7 +41,10 @@ inline void dispatch_x_w(int x_code, int w_code, F&& f) {
 
 // exp(x) in float32 to about 2 ulp, branch-free so that loops over it vectorize (glibc's
 // vector expf is only used under -ffast-math, which would also change our rounding).
+// Overflow gives +inf like expf (silu(-inf) and silu(g < -88.7) then match PyTorch);
+// underflow stops at exp(-87.3) ~ 1e-38 instead of denormals, which no caller can see.
 inline float vexp(float x) {
+  const bool overflow = x > 88.72f;
   // Ternaries, not fminf/fmaxf: those keep NaN rules that block vectorization. NaN fails
   // both tests and propagates through the polynomial.
   x = x < -87.3f ? -87.3f : x;
@@ -51,7 +54,7 @@ inline float vexp(float x) {
   const float n = t - magic;
   float r = x - n * 0.693145751953125f;  // ln2 split hi/lo
   r = r - n * 1.428606765330187045e-06f;
-  // minimax-quality Taylor to degree 6 on |r| <= ln2/2
+  // Taylor to degree 6 on |r| <= ln2/2
   float p = 1.0f / 720.0f;
   p = p * r + 1.0f / 120.0f;
   p = p * r + 1.0f / 24.0f;
@@ -63,7 +66,7 @@ inline float vexp(float x) {
   const std::uint32_t bits = static_cast<std::uint32_t>(e) << 23;
   float scale;
   std::memcpy(&scale, &bits, 4);
-  return p * scale;
+  return overflow ? __builtin_inff() : p * scale;
 }
 
 inline int clamp_threads(int num_threads) { return num_threads > 0 ? num_threads : omp_get_max_threads(); }

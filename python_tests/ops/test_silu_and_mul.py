@@ -43,6 +43,21 @@ def test_extreme_values(device, backend):
 
 
 @pytest.mark.parametrize("device,backend", compiled_backends())
+def test_bf16_special_values_bit_exact(device, backend):
+    # 48 columns: the 16-wide vector path (AVX-512 on CPU) and a scalar tail both run
+    g = torch.tensor([-1e4, -100.0, -87.5, -20.0, -1e-3, 0.0, 1e-3, 20.0, 88.9, 100.0, 1e4,
+                      float("inf"), float("-inf"), float("nan"), -0.0, 3.0] * 3, device=device)
+    gu = torch.cat([g, torch.linspace(-3, 3, 48, device=device)]).unsqueeze(0).to(torch.bfloat16)
+    with ops.use_backend(backend):
+        y = ops.silu_and_mul(gu)
+    gate, up = gu.chunk(2, dim=-1)
+    expected = F.silu(gate) * up
+    assert torch.equal(torch.isnan(y), torch.isnan(expected))
+    keep = ~torch.isnan(expected)
+    assert torch.equal(y[keep], expected[keep])
+
+
+@pytest.mark.parametrize("device,backend", compiled_backends())
 def test_row_strided_input_matches_hf_mlp_bit_exact(device, backend):
     torch.manual_seed(3)
     wide = torch.randn(5, 1000, device=device, dtype=torch.bfloat16)
