@@ -40,7 +40,7 @@ void add_rms_norm_forward(ptr x, std::int64_t x_stride, ptr residual, std::int64
         nr[c] = from_float<TX>(v);
         ss += v * v;
       }
-      const float rs = inv_rms(ss, cols, eps);
+      const float rs = qwen3_fast::rms_inv(ss, cols, eps);
       rp[r] = rs;
       normalize_row(nr, wp, yp + r * cols, rs, cols);
     }

@@ -105,7 +105,7 @@ template <typename TX, typename TW, std::int64_t KD>
 inline float norm_rope_row(const TX* x, const TW* w, const float* c, const float* s, TW* out,
                            float* y, std::int64_t d_rt, double eps) {
   const std::int64_t d = KD ? KD : d_rt;  // KD: compile-time head_dim, or 0
-  const float rs = inv_rms(sum_squares(x, d), d, eps);
+  const float rs = qwen3_fast::rms_inv(sum_squares(x, d), d, eps);
 #pragma omp simd
   for (std::int64_t i = 0; i < d; ++i) {
     y[i] = round_to<TW>(to_float(w[i]) * round_to<TX>(to_float(x[i]) * rs));

@@ -33,7 +33,7 @@ void rms_norm_forward(ptr x, std::int64_t x_stride, ptr weight, ptr y, ptr rstd,
 #pragma omp parallel for num_threads(clamp_threads(num_threads)) schedule(static)
     for (std::int64_t r = 0; r < rows; ++r) {
       const TX* xr = xp + r * x_stride;
-      const float rs = inv_rms(sum_squares(xr, cols), cols, eps);
+      const float rs = qwen3_fast::rms_inv(sum_squares(xr, cols), cols, eps);
       rp[r] = rs;
       normalize_row(xr, wp, yp + r * cols, rs, cols);
     }

@@ -21,11 +21,6 @@ inline float sum_squares(const TX* x, std::int64_t cols) {
   return ss;
 }
 
-// 1 / rms of a row from its sum of squares (the shared host/device expression).
-inline float inv_rms(float sum_sq, std::int64_t cols, double eps) {
-  return qwen3_fast::rms_inv(sum_sq, cols, eps);
-}
-
 template <typename TX, typename TW>
 inline void normalize_row(const TX* x, const TW* w, TW* y, float rstd, std::int64_t cols) {
 #pragma omp simd
