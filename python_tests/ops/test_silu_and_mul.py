@@ -43,6 +43,22 @@ def test_extreme_values(device, backend):
 
 
 @pytest.mark.parametrize("device,backend", compiled_backends())
+def test_bf16_large_output_bit_exact(device, backend):
+    # y of 4100 x 8192 bf16 is 67.2 MB, over the CPU kernel's 64 MiB streaming-store
+    # threshold, so the non-temporal store path runs (with the NaN/inf specials in row 0).
+    torch.manual_seed(0)
+    gu = torch.randn(4100, 2 * 8192, device=device, dtype=torch.bfloat16).mul_(4)
+    gu[0, :4] = torch.tensor([float("nan"), float("inf"), float("-inf"), 90.0])
+    with ops.use_backend(backend):
+        y = ops.silu_and_mul(gu)
+    gate, up = gu.chunk(2, dim=-1)
+    expected = F.silu(gate) * up
+    assert torch.equal(torch.isnan(y), torch.isnan(expected))
+    inf = float("inf")  # compare everything but NaN bit-exactly, infinities included
+    assert torch.equal(y.nan_to_num(0.0, inf, -inf), expected.nan_to_num(0.0, inf, -inf))
+
+
+@pytest.mark.parametrize("device,backend", compiled_backends())
 def test_bf16_special_values_bit_exact(device, backend):
     # 48 columns: the 16-wide vector path (AVX-512 on CPU) and a scalar tail both run
     g = torch.tensor([-1e4, -100.0, -87.5, -20.0, -1e-3, 0.0, 1e-3, 20.0, 88.9, 100.0, 1e4,
