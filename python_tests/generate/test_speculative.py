@@ -1,0 +1,120 @@
+"""Speculative acceptance rules, gamma control and config checks (generate/speculative.py)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qwen3_fast.generate.speculative import (GammaController, QuantSpecConfig, expected_tokens,
+                                             greedy_accept, rejection_accept, speedup_estimate)
+
+# Upper 0.1% points of the chi-square distribution (significance level 0.001), by degrees of
+# freedom; from the standard table.
+CHI2_CRIT_001 = {5: 20.515}
+
+
+def test_greedy_accept_longest_prefix_and_next_token():
+    draft = torch.tensor([[5, 6, 7], [5, 6, 7], [1, 2, 3], [9, 9, 9]])
+    target = torch.tensor([[5, 6, 7, 8],     # all accepted: bonus 8
+                           [5, 0, 7, 8],     # mismatch at 1: emit 0
+                           [4, 2, 3, 1],     # mismatch at 0 (later matches do not count)
+                           [9, 9, 1, 2]])
+    n, nxt = greedy_accept(draft, target)
+    assert n.tolist() == [3, 1, 0, 2]
+    assert nxt.tolist() == [8, 0, 4, 1]
+
+
+def test_greedy_accept_checks_shapes():
+    with pytest.raises(ValueError, match="target_tokens"):
+        greedy_accept(torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 3, dtype=torch.long))
+    with pytest.raises(TypeError, match="draft_tokens"):
+        greedy_accept(torch.zeros(2, 3), torch.zeros(2, 4, dtype=torch.long))
+
+
+def _chi2(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    expected = probs * counts.sum()
+    return float(((counts - expected) ** 2 / expected).sum())
+
+
+def test_rejection_sampling_emits_the_target_distribution():
+    # V = 6, gamma = 3, target and draft distributions that differ per position (the target
+    # does not depend on the prefix, so the token emitted at position j, given the row got
+    # that far, must be distributed as p_j). 200k rows in one batched call, fixed seed,
+    # chi-square test at significance 0.001 per position.
+    torch.manual_seed(1234)
+    v, g, rows = 6, 3, 200_000
+    p = torch.softmax(torch.randn(g + 1, v) * 1.5, dim=-1)
+    q = torch.softmax(torch.randn(g, v) * 1.5, dim=-1)
+    draft = torch.multinomial(q, rows, replacement=True).t().contiguous()  # [rows, g]
+    n, nxt = rejection_accept(draft, q.expand(rows, g, v), p.expand(rows, g + 1, v))
+    # acceptance matches theory: P(accept x_i) = sum_x min(p_i, q_i)
+    accept_prob = torch.minimum(p[:g], q).sum(-1)
+    reached = torch.stack([(n >= i).float().mean() for i in range(g + 1)])
+    expected_reach = torch.cat([torch.ones(1), accept_prob.cumprod(0)])
+    torch.testing.assert_close(reached, expected_reach, atol=5e-3, rtol=0)
+    for j in range(g + 1):
+        at_j = n >= j
+        emitted = torch.where(n[at_j] == j, nxt[at_j], draft[at_j][:, j] if j < g else nxt[at_j])
+        counts = torch.bincount(emitted, minlength=v).double()
+        stat = _chi2(counts, p[j].double())
+        assert stat < CHI2_CRIT_001[v - 1], (j, stat, counts / counts.sum(), p[j])
+        # and it is not the draft's distribution (the test can tell them apart)
+        if j < g:
+            assert _chi2(counts, q[j].double()) > CHI2_CRIT_001[v - 1]
+
+
+def test_rejection_sampling_identical_distributions_accept_everything():
+    torch.manual_seed(0)
+    v, g, rows = 10, 4, 1000
+    p = torch.softmax(torch.randn(rows, g + 1, v), dim=-1)
+    draft = torch.multinomial(p[:, :g].reshape(-1, v), 1).view(rows, g)
+    n, _ = rejection_accept(draft, p[:, :g], p)
+    assert torch.all(n == g)
+
+
+def test_rejection_sampling_seeded_generators_reproduce():
+    v, g, rows = 7, 2, 4
+    torch.manual_seed(0)
+    p = torch.softmax(torch.randn(rows, g + 1, v), dim=-1)
+    q = torch.softmax(torch.randn(rows, g, v), dim=-1)
+    draft = torch.multinomial(q.reshape(-1, v), 1).view(rows, g)
+    runs = []
+    for _ in range(2):
+        gens = [torch.Generator().manual_seed(10 + i) for i in range(rows)]
+        runs.append(rejection_accept(draft, q, p, gens))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+
+
+def test_rejection_sampling_checks_shapes():
+    d = torch.zeros(2, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="draft_probs"):
+        rejection_accept(d, torch.rand(2, 2, 5), torch.rand(2, 4, 5))
+    with pytest.raises(ValueError, match="target_probs"):
+        rejection_accept(d, torch.rand(2, 3, 5), torch.rand(2, 3, 5))
+
+
+def test_expected_tokens_and_speedup():
+    assert expected_tokens(0.0, 4) == 1.0
+    assert expected_tokens(1.0, 4) == 5.0
+    assert expected_tokens(0.5, 2) == pytest.approx(1.75)
+    # free draft, verify as cheap as a plain step: speedup = expected tokens
+    assert speedup_estimate(0.5, 2, 0.0, 1.0, 1.0) == pytest.approx(1.75)
+
+
+def test_gamma_controller_follows_acceptance():
+    hi = GammaController(max_gamma=8)
+    lo = GammaController(max_gamma=8)
+    for _ in range(10):
+        hi.update(drafted=40, accepted=38, draft_seconds=0.4, verify_seconds=1.0, gamma=4)
+        lo.update(drafted=40, accepted=8, draft_seconds=0.4, verify_seconds=1.0, gamma=4)
+    assert hi.gamma > lo.gamma >= 1
+    assert hi.gamma <= 8
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(gamma=0), "gamma"), (dict(gamma="fast"), "gamma"), (dict(gamma=9, max_gamma=8), "max_gamma"),
+    (dict(draft_kv_bits=2), "draft_kv_bits"), (dict(draft_weight_bits=8), "draft_weight_bits"),
+    (dict(group_size=0), "group_size"),
+])
+def test_config_rejects_bad_values(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        QuantSpecConfig(**kwargs)

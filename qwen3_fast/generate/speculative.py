@@ -1,0 +1,258 @@
+"""Self-speculative decoding (QuantSpec): configuration, acceptance rules, gamma control.
+
+The draft is the same model reading the 4-bit view of the hierarchical KV cache (and,
+optionally, 4-bit weights); the target is the model reading the 8-bit view. One step:
+the draft proposes ``gamma`` tokens one at a time, the target scores all ``gamma + 1``
+positions in one verify pass (``flash_decode`` with n > 1 queries), this module decides how
+many draft tokens each sequence keeps and which token follows them, and the cache rolls the
+rejected ones back.
+
+Acceptance keeps the output distribution exactly the target's:
+
+- greedy (temperature 0): keep the longest prefix where the draft token equals the target's
+  argmax, then emit the target's token at the first mismatch (or its bonus token after
+  ``gamma`` matches). The output equals plain greedy decoding with the target.
+- sampling: for each draft token x_i ~ q_i, accept with probability min(1, p_i(x_i) /
+  q_i(x_i)); at the first rejection draw from norm(max(p_i - q_i, 0)); after ``gamma``
+  acceptances draw the bonus token from p_gamma. This is the rejection scheme of
+  Leviathan et al. / Chen et al.; the emitted token at every position is distributed as p.
+
+All functions are batched: every row accepts its own number of tokens, with no host
+synchronization (the counts stay on the device until the caller needs them).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class QuantSpecConfig:
+    """Self-speculative decoding settings (``LLM(..., speculative=QuantSpecConfig())``).
+
+    gamma: draft tokens per verification step, or "auto" to pick it from the measured
+        acceptance rate and step costs (:class:`GammaController`), within [1, max_gamma].
+    draft_kv_bits: the KV view the draft reads (4: the upper nibbles of the 8-bit cache).
+    draft_weight_bits: 16 (draft uses the model's weights) or 4 (group-wise int4 weights for
+        the MLP projections, torch's int4 weight-only kernels).
+    group_size: quantization group of the KV cache and of the int4 weights.
+    max_gamma: upper bound for "auto" and the cache's speculative headroom.
+    """
+
+    gamma: Union[int, str] = 4
+    draft_kv_bits: int = 4
+    draft_weight_bits: int = 16
+    group_size: int = 128
+    max_gamma: int = 8
+
+    def __post_init__(self):
+        if self.gamma != "auto" and (isinstance(self.gamma, bool) or not isinstance(self.gamma, int)
+                                     or self.gamma < 1):
+            raise ValueError(f"gamma must be an int >= 1 or 'auto', got {self.gamma!r}")
+        if isinstance(self.max_gamma, bool) or not isinstance(self.max_gamma, int) or self.max_gamma < 1:
+            raise ValueError(f"max_gamma must be an int >= 1, got {self.max_gamma!r}")
+        if isinstance(self.gamma, int) and self.gamma > self.max_gamma:
+            raise ValueError(f"gamma ({self.gamma}) must be <= max_gamma ({self.max_gamma})")
+        if self.draft_kv_bits not in (4, 8):
+            raise ValueError(f"draft_kv_bits must be 4 or 8, got {self.draft_kv_bits!r}")
+        if self.draft_weight_bits not in (4, 16):
+            raise ValueError(f"draft_weight_bits must be 4 or 16, got {self.draft_weight_bits!r}")
+        if (isinstance(self.group_size, bool) or not isinstance(self.group_size, int)
+                or self.group_size < 1):
+            raise ValueError(f"group_size must be an int >= 1, got {self.group_size!r}")
+
+    @property
+    def initial_gamma(self) -> int:
+        return min(4, self.max_gamma) if self.gamma == "auto" else int(self.gamma)
+
+
+def _check_draft(draft_tokens: Tensor) -> tuple[int, int]:
+    if not isinstance(draft_tokens, Tensor) or draft_tokens.dim() != 2:
+        raise ValueError("draft_tokens must be a [B, gamma] integer tensor, got "
+                         f"{getattr(draft_tokens, 'shape', type(draft_tokens))}")
+    if draft_tokens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"draft_tokens must be int32 or int64, got {draft_tokens.dtype}")
+    return draft_tokens.shape[0], draft_tokens.shape[1]
+
+
+def greedy_accept(draft_tokens: Tensor, target_tokens: Tensor) -> tuple[Tensor, Tensor]:
+    """Longest matching prefix plus the target's next token.
+
+    Parameters
+    ----------
+    draft_tokens : [B, gamma] int64, the draft's proposals.
+    target_tokens : [B, gamma + 1] int64, the target's greedy choice after each prefix
+        (position i is the token the target emits after the first i draft tokens).
+
+    Returns
+    -------
+    n_accepted : [B] int64 in [0, gamma]
+    next_token : [B] int64, ``target_tokens[b, n_accepted[b]]``
+    """
+    b, g = _check_draft(draft_tokens)
+    if target_tokens.shape != (b, g + 1):
+        raise ValueError(f"target_tokens must have shape [B, gamma + 1] = [{b}, {g + 1}], got "
+                         f"{tuple(target_tokens.shape)}")
+    match = (draft_tokens == target_tokens[:, :g]).to(torch.int64)
+    n = match.cumprod(dim=1).sum(dim=1)
+    return n, target_tokens.gather(1, n.view(-1, 1)).view(-1)
+
+
+def _uniform(shape: tuple, generators: Optional[Sequence[Optional[torch.Generator]]],
+             device) -> Tensor:
+    """[B, ...] uniforms in [0, 1); row b drawn from generators[b] when given."""
+    if generators is None or all(g is None for g in generators):
+        return torch.rand(shape, device=device)
+    return torch.stack([torch.rand(shape[1:], device=device, generator=g) for g in generators])
+
+
+def _sample_rows(probs: Tensor, generators: Optional[Sequence[Optional[torch.Generator]]]) -> Tensor:
+    """One index per row of probs [B, V] (rows need not be normalized)."""
+    # exponential race: argmax p / E with E ~ Exp(1) picks index i with probability p_i / sum p
+    u = _uniform(tuple(probs.shape), generators, probs.device)
+    e = -torch.log1p(-u)  # Exp(1); log1p(-u) is finite because u < 1
+    return (probs / e).argmax(dim=-1)
+
+
+def rejection_accept(draft_tokens: Tensor, draft_probs: Tensor, target_probs: Tensor,
+                     generators: Optional[Sequence[Optional[torch.Generator]]] = None
+                     ) -> tuple[Tensor, Tensor]:
+    """Speculative rejection sampling: the emitted tokens are distributed as the target's.
+
+    Parameters
+    ----------
+    draft_tokens : [B, gamma] int64, x_i drawn from draft_probs[:, i].
+    draft_probs : [B, gamma, V] float, q_i (each row sums to 1 over V).
+    target_probs : [B, gamma + 1, V] float, p_i after the first i draft tokens.
+    generators : optional per-row torch.Generator (seeded requests); None uses the global RNG.
+
+    Returns
+    -------
+    n_accepted : [B] int64 in [0, gamma]
+    next_token : [B] int64: a draw from norm(max(p_n - q_n, 0)) at the first rejection n,
+        or from p_gamma when every draft token was accepted.
+    """
+    b, g = _check_draft(draft_tokens)
+    if draft_probs.dim() != 3 or draft_probs.shape[:2] != (b, g):
+        raise ValueError(f"draft_probs must have shape [B, gamma, V] = [{b}, {g}, V], got "
+                         f"{tuple(draft_probs.shape)}")
+    v = draft_probs.shape[2]
+    if target_probs.shape != (b, g + 1, v):
+        raise ValueError(f"target_probs must have shape [B, gamma + 1, V] = [{b}, {g + 1}, {v}], "
+                         f"got {tuple(target_probs.shape)}")
+    p = target_probs.float()
+    q = draft_probs.float()
+    idx = draft_tokens.long().unsqueeze(-1)
+    p_x = p[:, :g].gather(2, idx).squeeze(-1)
+    q_x = q.gather(2, idx).squeeze(-1)
+    u = _uniform((b, g), generators, p.device)
+    # accept iff u < p/q, written without the division (q_x > 0 for a token the draft drew;
+    # q_x == 0 would mean the caller's draw was impossible, and then u * 0 < p_x accepts
+    # only tokens the target allows).
+    accept = (u * q_x < p_x).to(torch.int64)
+    n = accept.cumprod(dim=1).sum(dim=1)
+    # Distribution of the next token: residual at the first rejection, p_gamma otherwise.
+    q_pad = torch.cat([q, torch.zeros_like(p[:, :1])], dim=1)  # q_gamma = 0 -> residual = p_gamma
+    rows = torch.arange(b, device=p.device)
+    p_n, q_n = p[rows, n], q_pad[rows, n]
+    residual = (p_n - q_n).clamp_min(0)
+    # p == q exactly gives a zero residual; a rejection then had probability 0, and p is the
+    # correct fallback (keeps the draw well defined).
+    empty = residual.sum(dim=-1, keepdim=True) <= 0
+    residual = torch.where(empty, p_n, residual)
+    return n, _sample_rows(residual, generators)
+
+
+@dataclass
+class SpeculativeStats:
+    """Counters of one generation call (or one request)."""
+
+    steps: int = 0              # verification passes
+    drafted: int = 0            # draft tokens proposed (summed over rows)
+    accepted: int = 0           # draft tokens kept
+    emitted: int = 0            # tokens produced by speculative steps (accepted + 1 per row-step)
+    draft_seconds: float = 0.0
+    verify_seconds: float = 0.0
+    gammas: list = field(default_factory=list)
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def tokens_per_step(self) -> float:
+        """Mean tokens one row gains per verification step."""
+        row_steps = self.emitted - self.accepted  # one next/bonus token per row-step
+        return self.emitted / row_steps if row_steps else 0.0
+
+    def as_dict(self) -> dict:
+        return {"steps": self.steps, "drafted": self.drafted, "accepted": self.accepted,
+                "acceptance_rate": self.acceptance_rate, "tokens_per_step": self.tokens_per_step,
+                "draft_seconds": self.draft_seconds, "verify_seconds": self.verify_seconds,
+                "gamma_mean": (sum(self.gammas) / len(self.gammas)) if self.gammas else 0.0}
+
+
+def expected_tokens(alpha: float, gamma: int) -> float:
+    """Expected tokens per verification step with per-token acceptance alpha.
+
+    1 + alpha + ... + alpha^gamma (the accepted prefix plus the target's token).
+    """
+    if alpha >= 1.0:
+        return gamma + 1.0
+    return (1.0 - alpha ** (gamma + 1)) / (1.0 - alpha)
+
+
+def speedup_estimate(alpha: float, gamma: int, draft_cost: float, verify_cost: float,
+                     plain_cost: float) -> float:
+    """Estimated speedup over plain decoding: tokens per second, speculative / plain.
+
+    draft_cost, verify_cost, plain_cost: seconds of one draft step, one verify pass over
+    gamma + 1 positions, and one plain decode step.
+    """
+    step = gamma * draft_cost + verify_cost
+    if step <= 0 or plain_cost <= 0:
+        return 0.0
+    return expected_tokens(alpha, gamma) * plain_cost / step
+
+
+class GammaController:
+    """Picks gamma from measured acceptance and step costs (``gamma="auto"``).
+
+    Keeps exponential moving averages of the per-token acceptance rate, the cost of one
+    draft step and the cost of one verify pass, and chooses the gamma in [1, max_gamma] that
+    maximizes expected tokens per second, ``expected_tokens(alpha, g) / (g * c_d + c_v)``.
+    """
+
+    def __init__(self, max_gamma: int, initial: int = 4, decay: float = 0.8):
+        self.max_gamma = max_gamma
+        self.gamma = max(1, min(initial, max_gamma))
+        self.decay = decay
+        self.alpha: Optional[float] = None
+        self.draft_cost: Optional[float] = None
+        self.verify_cost: Optional[float] = None
+
+    def _ema(self, old: Optional[float], new: float) -> float:
+        return new if old is None else self.decay * old + (1 - self.decay) * new
+
+    def update(self, drafted: int, accepted: int, draft_seconds: float, verify_seconds: float,
+               gamma: int) -> int:
+        """Record one step (counts summed over rows); returns the gamma for the next step."""
+        if drafted > 0:
+            self.alpha = self._ema(self.alpha, accepted / drafted)
+        if gamma > 0:
+            self.draft_cost = self._ema(self.draft_cost, draft_seconds / gamma)
+        self.verify_cost = self._ema(self.verify_cost, verify_seconds)
+        if self.alpha is None or not self.draft_cost or not self.verify_cost:
+            return self.gamma
+        alpha = min(self.alpha, 0.999)
+        best = max(range(1, self.max_gamma + 1),
+                   key=lambda g: expected_tokens(alpha, g) / (g * self.draft_cost + self.verify_cost))
+        self.gamma = best
+        return best
+
+
+__all__ = ["GammaController", "QuantSpecConfig", "SpeculativeStats", "expected_tokens",
+           "greedy_accept", "rejection_accept", "speedup_estimate"]
