@@ -55,4 +55,23 @@ void qk_norm_rope_backward(ptr dq_out, ptr dk_out, ptr q, std::int64_t q_ts, std
                            ptr dk_weight_partial, std::int64_t partial_rows, std::int64_t tokens,
                            std::int64_t hq, std::int64_t hkv, std::int64_t head_dim,
                            std::int64_t max_pos, int x_dtype, int w_dtype, ptr stream);
+// MoE permutation (moe_permute.cu): as csrc/cpu/kernels.h, plus cursor: [E] int64 scratch.
+void moe_sort(ptr expert_ids, ptr offsets, ptr row_map, ptr cursor, std::int64_t slots,
+              std::int64_t num_experts, ptr stream);
+void moe_permute(ptr src, std::int64_t src_stride, ptr row_map, ptr scale, ptr dst,
+                 std::int64_t tokens, std::int64_t top_k, std::int64_t rows, std::int64_t cols,
+                 int dtype, ptr stream);
+void moe_unpermute(ptr src, ptr row_map, ptr weights, ptr dst, std::int64_t tokens,
+                   std::int64_t top_k, std::int64_t rows, std::int64_t cols, int dtype,
+                   ptr stream);
+void moe_unpermute_backward(ptr dy, ptr src, ptr row_map, ptr weights, ptr d_src,
+                            ptr d_weights, std::int64_t tokens, std::int64_t top_k,
+                            std::int64_t rows, std::int64_t cols, int dtype, ptr stream);
+// Grouped GEMM (grouped_gemm.cu). a [m, k], b [groups, k, n] ([groups, n, k] if trans_b),
+// offsets [groups+1] int64 on the device, c [m, n]; all contiguous.
+void grouped_gemm(ptr a, ptr b, ptr offsets, ptr c, std::int64_t m, std::int64_t n,
+                  std::int64_t k, std::int64_t groups, bool trans_b, int dtype, ptr stream);
+// out [groups, p, q] = per group x_g^T y_g; x [m, p], y [m, q].
+void grouped_gemm_wgrad(ptr x, ptr y, ptr offsets, ptr out, std::int64_t m, std::int64_t p,
+                        std::int64_t q, std::int64_t groups, int dtype, ptr stream);
 }  // namespace qwen3_fast::cuda

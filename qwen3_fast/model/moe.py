@@ -4,7 +4,8 @@ Expert weights are held stacked for grouped GEMM: ``experts.gate_up_proj`` [E, 2
 (gate rows then up rows) and ``experts.down_proj`` [E, H, I], the in-memory layout of
 transformers 5. HF checkpoints on disk keep per-expert keys
 ``mlp.experts.{e}.{gate,up,down}_proj.weight``; model/checkpoint.py converts both ways.
-Routing and expert math run in :func:`qwen3_fast.ops.moe.moe_experts` (HF-exact).
+Routing and expert math run in :func:`qwen3_fast.ops.moe.moe_experts`, one fused autograd op
+(route, permute, grouped GEMMs, SwiGLU, combine) that matches HF's expert loop.
 Shapes: T tokens, H hidden, E experts, I moe_intermediate_size.
 """
 from __future__ import annotations

@@ -1,0 +1,171 @@
+"""MoE sparse block: qwen3_fast (fused ``moe_experts`` op) vs the reference vs HF's eager
+``Qwen3MoeSparseMoeBlock`` (transformers 4.x expert loop), same weights, one run.
+
+Shapes: the Qwen3-30B-A3B layer (H 2048, E 128, top-8, I 768; ``hidden`` id 2048) at
+1, 16 and 512 tokens, plus a small layer (H 1024, E 16, top-4, I 256; id 1024) that the CI
+smoke filter ``-1-1024-`` selects. bf16 weights and activations, router included (the
+block's ``gate`` linear), forward and forward+backward (gradients for x and every weight).
+The GPU part compares the grouped GEMMs (ours: CUDA tiled kernel and Triton) against
+``torch._grouped_mm`` (when present) and a per-expert cuBLAS loop.
+
+    pytest bench/bench_moe.py --benchmark-only   # CPU: 10+ minutes on 2 cores (HF and the
+                                                 # reference take seconds per 512-token step)
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qwen3_fast import ops
+from qwen3_fast.model.config import Qwen3Config
+from qwen3_fast.model.moe import Qwen3SparseMoeBlock
+
+from _ops_common import _NO_CUDA_KERNELS, _NO_GPU, _NO_TRITON, MODES, hf_available
+
+# hidden -> (experts, top_k, moe_intermediate)
+LAYERS = {2048: (128, 8, 768), 1024: (16, 4, 256)}
+TOKENS = [1, 16, 512]
+IMPLS = [pytest.param("qwen3_fast", id="cpu-qwen3_fast"),
+         pytest.param("reference", id="cpu-reference"),
+         pytest.param("hf_eager", id="cpu-hf_eager",
+                      marks=pytest.mark.skipif(not hf_available(), reason="no transformers"))]
+
+_blocks: dict = {}
+
+
+def _config(hidden: int) -> Qwen3Config:
+    e, k, inter = LAYERS[hidden]
+    return Qwen3Config(vocab_size=32, hidden_size=hidden, intermediate_size=4 * hidden,
+                       num_hidden_layers=1, num_attention_heads=16, num_key_value_heads=4,
+                       head_dim=128, model_type="qwen3_moe", num_experts=e,
+                       num_experts_per_tok=k, moe_intermediate_size=inter, norm_topk_prob=True)
+
+
+def blocks(hidden: int):
+    """(our block, HF block) in bf16; HF's per-expert Linear weights are views of ours."""
+    if hidden in _blocks:
+        return _blocks[hidden]
+    _blocks.clear()  # one layer shape in memory at a time
+    torch.manual_seed(0)
+    cfg = _config(hidden)
+    e, k, inter = LAYERS[hidden]
+    ours = Qwen3SparseMoeBlock(cfg).to(torch.bfloat16)
+    with torch.no_grad():
+        ours.gate.weight.normal_(0, 0.02)
+        ours.experts.gate_up_proj.normal_(0, 0.02)
+        ours.experts.down_proj.normal_(0, 0.02)
+    hf = None
+    if hf_available():
+        import transformers
+        from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
+
+        hcfg = transformers.Qwen3MoeConfig(hidden_size=hidden, num_experts=e,
+                                           num_experts_per_tok=k, moe_intermediate_size=inter,
+                                           norm_topk_prob=True)
+        with torch.device("meta"):
+            hf = Qwen3MoeSparseMoeBlock(hcfg)
+        gu, dn = ours.experts.gate_up_proj.detach(), ours.experts.down_proj.detach()
+        hf.gate.weight = torch.nn.Parameter(ours.gate.weight.detach().clone())
+        for i, mlp in enumerate(hf.experts):
+            mlp.gate_proj.weight = torch.nn.Parameter(gu[i, :inter])
+            mlp.up_proj.weight = torch.nn.Parameter(gu[i, inter:])
+            mlp.down_proj.weight = torch.nn.Parameter(dn[i])
+    _blocks[hidden] = (ours, hf)
+    return ours, hf
+
+
+def _run(block, x, backend=None):
+    if backend is None:
+        return block(x)[0]
+    with ops.use_backend(backend):
+        return block(x)[0]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("hidden", sorted(LAYERS))
+@pytest.mark.parametrize("tokens", TOKENS)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_moe_block(benchmark, impl, tokens, hidden, mode):
+    if hidden == 1024 and tokens != 1:
+        pytest.skip("the small layer is the CI smoke shape (1 token) only")
+    ours, hf = blocks(hidden)
+    block = hf if impl == "hf_eager" else ours
+    backend = "reference" if impl == "reference" else None
+    e, k, inter = LAYERS[hidden]
+    torch.manual_seed(1)
+    x = torch.randn(1, tokens, hidden, dtype=torch.bfloat16)
+    params = list(block.parameters())
+    # weights read once (only the experts the tokens chose, at most all of them)
+    hit = min(e, tokens * k)
+    nbytes = 2 * (hit * 3 * inter * hidden + 2 * tokens * hidden + e * hidden)
+    benchmark.group = f"cpu-moe-{mode}-bf16-T{tokens}-H{hidden}-E{e}-k{k}-I{inter}"
+    benchmark.extra_info.update(impl=impl, device="cpu", bytes=nbytes * (3 if mode != "fwd" else 1))
+    if mode == "fwd":
+        with torch.no_grad():
+            benchmark.pedantic(lambda: _run(block, x, backend), rounds=5 if tokens < 512 else 3,
+                               warmup_rounds=1, iterations=1)
+        return
+    xg = x.clone().requires_grad_()
+    dy = torch.randn_like(x)
+
+    def step():
+        for p in params:
+            p.grad = None
+        xg.grad = None
+        _run(block, xg, backend).backward(dy)
+
+    benchmark.pedantic(step, rounds=5 if tokens < 512 else 3, warmup_rounds=1, iterations=1)
+    for p in params:
+        p.grad = None
+
+
+# ------------------------------------------------------------------ GPU grouped GEMM
+GPU_IMPLS = [
+    pytest.param("cuda", id="cuda-cuda", marks=[pytest.mark.cuda, _NO_CUDA_KERNELS]),
+    pytest.param("triton", id="cuda-triton", marks=[pytest.mark.cuda, _NO_TRITON]),
+    pytest.param("torch_grouped_mm", id="cuda-torch_grouped_mm", marks=[pytest.mark.cuda, _NO_GPU]),
+    pytest.param("reference", id="cuda-reference", marks=[pytest.mark.cuda, _NO_GPU]),
+]
+
+
+@pytest.mark.parametrize("tokens", [16, 512, 4096])
+@pytest.mark.parametrize("impl", GPU_IMPLS)
+def test_grouped_gemm_gpu(benchmark, impl, tokens):
+    """gate_up GEMM of the 30B-A3B layer: a [T*8, 2048] x b [128, 1536, 2048]^T, bf16."""
+    e, k, inter = LAYERS[2048]
+    torch.manual_seed(0)
+    ids = torch.randint(0, e, (tokens * k,), device="cuda")
+    counts = torch.bincount(ids, minlength=e)
+    offsets = torch.zeros(e + 1, dtype=torch.int64, device="cuda")
+    offsets[1:] = counts.cumsum(0)
+    a = torch.randn(tokens * k, 2048, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(e, 2 * inter, 2048, device="cuda", dtype=torch.bfloat16) * 0.02
+    if impl in ("cuda", "triton"):
+        def fn():
+            with ops.use_backend(impl):
+                ops.grouped_gemm(a, b, offsets, trans_b=True)
+    elif impl == "torch_grouped_mm":
+        if not hasattr(torch, "_grouped_mm"):
+            pytest.skip("torch._grouped_mm is not in this torch")
+        offs32 = offsets[1:].to(torch.int32)
+        bt = b.transpose(1, 2)  # [E, K, N] view with column-major inner matrices
+
+        def fn():
+            torch._grouped_mm(a, bt, offs=offs32)
+    else:
+        bounds = offsets.tolist()
+
+        def fn():
+            c = torch.empty(a.shape[0], 2 * inter, device="cuda", dtype=a.dtype)
+            for i in range(e):
+                if bounds[i + 1] > bounds[i]:
+                    torch.matmul(a[bounds[i]:bounds[i + 1]], b[i].t(), out=c[bounds[i]:bounds[i + 1]])
+
+    def timed():
+        fn()
+        torch.cuda.synchronize()
+
+    benchmark.group = f"cuda-grouped_gemm-bf16-T{tokens}-E{e}-N{2 * inter}-K2048"
+    benchmark.extra_info.update(impl=impl, device="cuda",
+                                bytes=2 * (a.numel() + b.numel() + a.shape[0] * 2 * inter))
+    benchmark.pedantic(timed, rounds=20, warmup_rounds=3, iterations=1)
