@@ -3,22 +3,36 @@
 // Work items are (sequence, kv head, chunk of tokens): split-KV. An item computes, for the
 // R = (Hq/Hkv) * n query rows of one kv head at once (GQA: every key/value token is loaded
 // and decoded once and used by all R rows), a partial output and its log-sum-exp with an
-// online softmax over blocks of kBlock tokens. A second pass merges the chunks of each
+// online softmax over blocks of tokens. A second pass merges the chunks of each
 // (sequence, kv head) by log-sum-exp. Ragged lengths: each sequence has its own chunk list.
 //
 // One pass covers both parts of a hierarchical cache: tokens [0, n_quant) are codes,
-// tokens [n_quant, length) sit in the full-precision ring buffer at slot t % ring. Codes
-// are dequantized one token at a time into a D-float scratch row that lives in L1 (never
-// to the cache's memory); quantized rows use a split channel order (even channels, then
-// odd: the two nibbles of a byte) so unpacking is two contiguous streams, and the query
-// and the accumulator of the quantized part use that order too; the buffer part uses the
-// natural order. The dense cache is the buffer-only case (ring = T, n_quant = 0).
+// tokens [n_quant, length) sit in the full-precision ring buffer at slot t % ring. The
+// quantized part goes one key group (G tokens) at a time and never dequantizes a token:
+// - keys are stored channel-major in a group ([D, G/2] bytes, token pairs per byte), and
+//   the per-channel scale and min fold into the query: score_t = sum_d (q_d s_d/16) c_dt +
+//   sum_d q_d min_d, so a query channel times a row of codes runs over 32 tokens at once
+//   (GCC vector extensions: 4 query rows x 32 tokens of accumulators stay in registers);
+// - values (per token groups along D) accumulate weighted codes: o_d += (p_t s_t/16) c_td
+//   over 32 channels x 4 rows in registers, plus a per-row scalar sum_t p_t min_t added at
+//   the end. Value codes unpack in a split channel order (even channels, then odd: the two
+//   nibbles of a byte), which the quantized-part accumulator keeps. Value groups that are
+//   not a multiple of 32 channels take a per-token dequantize path instead.
+// The dense cache is the buffer-only case (ring = T, n_quant = 0).
 //
-// Verify variant: n > 1 new tokens per sequence; query i sits at length - n + i and reads
-// keys up to there (causal among the new tokens).
+// Verify variant: n > 1 new tokens per sequence; query i sits at p = length - n + i and reads
+// keys up to there (causal among the new tokens), codes for [0, nq_i) and the ring for
+// [nq_i, p] with nq_i = kv_row_quant_len(p, ...) <= n_quant (kv_quant_math.h): the prefix
+// one-token decoding of p had. Only the per-row token limits differ from decoding: the
+// codes pass covers [0, n_quant) and masks t >= nq_i per row, the ring pass starts at the
+// first row's nq and masks t < nq_i.
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <vector>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 
 #include "cpu_math.h"
 #include "kernels.h"
@@ -28,6 +42,40 @@ namespace qwen3_fast::cpu {
 
 namespace {
 constexpr int kBlock = 32;
+constexpr int kRB = 4;   // query rows per register block of the quantized part
+constexpr int kTB = 16;  // code bytes per tile: 32 tokens (keys) or 32 channels (values)
+
+typedef float v8f __attribute__((vector_size(32)));
+typedef std::int32_t v8i __attribute__((vector_size(32)));
+typedef std::uint8_t v8b __attribute__((vector_size(8)));
+
+// 8 bytes -> 8 int32. GCC scalarizes __builtin_convertvector from bytes (movzbl/pinsrd per
+// lane, measured: it made the codes path slower than bf16), so AVX2 uses vpmovzxbd.
+__attribute__((always_inline)) inline v8i load8(const std::uint8_t* p) {
+#if defined(__AVX2__)
+  return reinterpret_cast<v8i>(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+#else
+  v8b b;
+  std::memcpy(&b, p, sizeof(b));
+  return __builtin_convertvector(b, v8i);
+#endif
+}
+__attribute__((always_inline)) inline v8f splat(float x) { return v8f{x, x, x, x, x, x, x, x}; }
+
+// Codes (in units of s/16) of the low and high nibbles of 8 bytes of U (and L).
+template <int PREC>
+__attribute__((always_inline)) inline void codes8(const std::uint8_t* u, const std::uint8_t* l,
+                                                  v8f& lo, v8f& hi) {
+  const v8i ub = load8(u);
+  if constexpr (PREC == 8) {
+    const v8i lb = load8(l);
+    lo = __builtin_convertvector(((ub & 15) << 4) + (lb & 15) - 8, v8f);
+    hi = __builtin_convertvector((ub & 0xF0) + (lb >> 4) - 8, v8f);
+  } else {
+    lo = __builtin_convertvector((ub & 15) << 4, v8f);
+    hi = __builtin_convertvector(ub & 0xF0, v8f);
+  }
+}
 
 template <typename T>
 struct FD {
@@ -90,34 +138,46 @@ inline void unpack_codes(const std::uint8_t* u, const std::uint8_t* l, float* ou
   }
 }
 
-// Thread scratch for one item.
+// Thread scratch for one item. Quantized-part arrays have Rp = R rounded up to kRB rows;
+// rows >= R stay zero (their scores and weights are never written).
 struct Scratch {
-  std::vector<float> qn, qs, accn, accs, kf, vf, s, m, l, kst, kmn, vst, vmn;
-  std::vector<std::int64_t> limit;
-  void init(std::int64_t R, std::int64_t D, std::int64_t ngv) {
-    qn.assign(R * D, 0); qs.assign(R * D, 0); accn.assign(R * D, 0); accs.assign(R * D, 0);
-    kf.assign(D, 0); vf.assign(D, 0); s.assign(R * kBlock, 0); m.assign(R, 0); l.assign(R, 0);
-    kst.assign(D, 0); kmn.assign(D, 0); vst.assign(ngv, 0); vmn.assign(ngv, 0); limit.assign(R, 0);
+  std::vector<float> qn, accn, accs, kf, vf, s, m, l, kst, kmn;
+  std::vector<float> qk, qm, accm, vsk, vmk;
+  std::vector<std::int64_t> limit, nqr, lo, hi;  // per row: position, nq_i, pass bounds
+  std::int64_t ld = kBlock;  // row stride of s
+  std::int64_t ngv = 1;      // value groups per token
+  void init(std::int64_t R, std::int64_t D, std::int64_t ngv, std::int64_t G) {
+    const std::int64_t Rp = (R + kRB - 1) / kRB * kRB;
+    ld = std::max<std::int64_t>(kBlock, G);
+    qn.assign(R * D, 0); accn.assign(R * D, 0); accs.assign(R * D, 0);
+    kf.assign(D, 0); vf.assign(D, 0); s.assign(Rp * ld, 0); m.assign(R, 0); l.assign(R, 0);
+    kst.assign(D, 0); kmn.assign(D, 0); limit.assign(R, 0);
+    nqr.assign(R, 0); lo.assign(R, 0); hi.assign(R, 0);
+    this->ngv = ngv;
+    qk.assign(Rp * D, 0); qm.assign(Rp, 0); accm.assign(R * ngv, 0);
+    vsk.assign(ngv * G, 0); vmk.assign(ngv * G, 0);
   }
 };
 
-// Online-softmax update of R rows with a block of `nb` scores in sc.s; fills sc.s with the
-// probabilities and rescales both accumulators.
-inline void softmax_block(Scratch& sc, std::int64_t R, std::int64_t D, int nb,
+// Online-softmax update of R rows with a block of `nb` scores (row stride sc.ld) for
+// tokens t0.. in token order, row r taking tokens in [sc.lo[r], sc.hi[r]] (the pass's
+// bounds); fills sc.s with the probabilities and rescales the accumulators.
+inline void softmax_block(Scratch& sc, std::int64_t R, std::int64_t D, std::int64_t nb,
                           std::int64_t t0) {
+  const std::int64_t ngv = sc.ngv;
   for (std::int64_t r = 0; r < R; ++r) {
-    float* sr = sc.s.data() + r * kBlock;
-    const std::int64_t lim = sc.limit[r];
+    float* sr = sc.s.data() + r * sc.ld;
+    const std::int64_t lo = sc.lo[r], hi = sc.hi[r];
     float mx = sc.m[r];
-    for (int j = 0; j < nb; ++j) {
-      const bool ok = t0 + j <= lim;
+    for (std::int64_t j = 0; j < nb; ++j) {
+      const bool ok = t0 + j >= lo && t0 + j <= hi;
       sr[j] = ok ? sr[j] : -INFINITY;
       mx = sr[j] > mx ? sr[j] : mx;
     }
     const float alpha = vexp(sc.m[r] - mx);
     float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
-    for (int j = 0; j < nb; ++j) {
+    for (std::int64_t j = 0; j < nb; ++j) {
       const float p = sr[j] == -INFINITY ? 0.0f : vexp(sr[j] - mx);
       sr[j] = p;
       sum += p;
@@ -125,9 +185,93 @@ inline void softmax_block(Scratch& sc, std::int64_t R, std::int64_t D, int nb,
     if (alpha != 1.0f) {
       scale_row(sc.accn.data() + r * D, alpha, D);
       scale_row(sc.accs.data() + r * D, alpha, D);
+      scale_row(sc.accm.data() + r * ngv, alpha, ngv);
     }
     sc.l[r] = sc.l[r] * alpha + sum;
     sc.m[r] = mx;
+  }
+}
+
+// Scores of kRB query rows (qk: [kRB, D] with s/16 folded in, qm: [kRB] the min terms)
+// against 32 tokens of one key group: u, l point at the tile's first byte of channel 0,
+// channels `pairs` bytes apart. Writes s[r * ld + j], j = 0..31 in token order, rows < nr.
+template <int PREC>
+inline void key_tile(const std::uint8_t* u, const std::uint8_t* l, std::int64_t pairs,
+                     const float* qk, const float* qm, std::int64_t D, float* s,
+                     std::int64_t ld, std::int64_t nr) {
+  v8f ae[kRB][2], ao[kRB][2];  // even / odd tokens
+  for (int r = 0; r < kRB; ++r) {
+    ae[r][0] = ae[r][1] = ao[r][0] = ao[r][1] = splat(qm[r]);
+  }
+  for (std::int64_t d = 0; d < D; ++d) {
+    v8f ce[2], co[2];
+    codes8<PREC>(u + d * pairs, l + d * pairs, ce[0], co[0]);
+    codes8<PREC>(u + d * pairs + 8, l + d * pairs + 8, ce[1], co[1]);
+    for (int r = 0; r < kRB; ++r) {
+      const v8f qv = splat(qk[r * D + d]);
+      ae[r][0] += qv * ce[0]; ae[r][1] += qv * ce[1];
+      ao[r][0] += qv * co[0]; ao[r][1] += qv * co[1];
+    }
+  }
+  for (std::int64_t r = 0; r < nr; ++r) {
+    float* sr = s + r * ld;
+    for (int h = 0; h < 2; ++h) {
+      for (int i = 0; i < 8; ++i) {
+        sr[2 * (8 * h + i)] = ae[r][h][i];
+        sr[2 * (8 * h + i) + 1] = ao[r][h][i];
+      }
+    }
+  }
+}
+
+// The same for a tail of w < kTB bytes (2w tokens), scalar.
+template <int PREC>
+inline void key_tail(const std::uint8_t* u, const std::uint8_t* l, std::int64_t pairs, int w,
+                     const float* qk, const float* qm, std::int64_t D, float* s,
+                     std::int64_t ld, std::int64_t nr) {
+  for (std::int64_t r = 0; r < nr; ++r) {
+    float* sr = s + r * ld;
+    for (int j = 0; j < 2 * w; ++j) sr[j] = qm[r];
+    for (std::int64_t d = 0; d < D; ++d) {
+      const float qv = qk[r * D + d];
+      for (int i = 0; i < w; ++i) {
+        const int ub = u[d * pairs + i], lb = PREC == 8 ? l[d * pairs + i] : 0;
+        const int c0 = PREC == 8 ? kv_code_from(kv_lo(ub), kv_lo(lb)) : 16 * kv_lo(ub);
+        const int c1 = PREC == 8 ? kv_code_from(kv_hi(ub), kv_hi(lb)) : 16 * kv_hi(ub);
+        sr[2 * i] += qv * static_cast<float>(c0);
+        sr[2 * i + 1] += qv * static_cast<float>(c1);
+      }
+    }
+  }
+}
+
+// Weighted value codes of `nt` tokens for kRB rows over one tile of 32 channels (16 bytes
+// at byte b0 of each token row, rows `half` bytes apart): acc[r][b0 + i] += even channel
+// 2(b0 + i), acc[r][half + b0 + i] += odd; the weight of token t is p[r * ld + t] * st[t]
+// (st: the tile's value-group scale / 16 per token).
+template <int PREC>
+inline void value_tile(const std::uint8_t* u, const std::uint8_t* l, std::int64_t half,
+                       std::int64_t nt, const float* p, std::int64_t ld, const float* st,
+                       float* acc, std::int64_t D, std::int64_t b0, std::int64_t nr) {
+  v8f ae[kRB][2] = {}, ao[kRB][2] = {};
+  for (std::int64_t t = 0; t < nt; ++t) {
+    v8f ce[2], co[2];
+    codes8<PREC>(u + t * half, l + t * half, ce[0], co[0]);
+    codes8<PREC>(u + t * half + 8, l + t * half + 8, ce[1], co[1]);
+    for (int r = 0; r < kRB; ++r) {
+      const v8f w = splat(p[r * ld + t] * st[t]);
+      ae[r][0] += w * ce[0]; ae[r][1] += w * ce[1];
+      ao[r][0] += w * co[0]; ao[r][1] += w * co[1];
+    }
+  }
+  for (std::int64_t r = 0; r < nr; ++r) {
+    float* ar = acc + r * D;
+    for (int h = 0; h < 2; ++h) {
+      for (int i = 0; i < 8; ++i) {
+        ar[b0 + 8 * h + i] += ae[r][h][i];
+        ar[half + b0 + 8 * h + i] += ao[r][h][i];
+      }
+    }
   }
 }
 
@@ -137,80 +281,128 @@ void run_item(const FD<T>& a, const Item& it, Scratch& sc, float* o_part, float*
   const std::int64_t bh = it.b * a.Hkv + it.h;
   const std::int64_t len = a.len[it.b];
   const std::int64_t nq = PREC == 16 ? 0 : a.nq[it.b];
+  const std::int64_t ngv = D / a.Gv;
   const T* q = a.q + (it.b * a.Hq + it.h * groups) * a.n * D;
   for (std::int64_t r = 0; r < R; ++r) {
     float* qn = sc.qn.data() + r * D;
-    float* qs = sc.qs.data() + r * D;
     for (std::int64_t d = 0; d < D; ++d) qn[d] = to_float(q[r * D + d]) * a.scale;
-    for (std::int64_t i = 0; i < half; ++i) { qs[i] = qn[2 * i]; qs[half + i] = qn[2 * i + 1]; }
     sc.limit[r] = len - a.n + (r % a.n);
+    sc.nqr[r] = PREC == 16 ? 0 : kv_row_quant_len(sc.limit[r], len, nq, a.G, a.ring);
+    sc.lo[r] = 0;
+    sc.hi[r] = std::min(sc.nqr[r] - 1, sc.limit[r]);  // the codes pass: t < nq_i, t <= p
     sc.m[r] = -1e30f;
     sc.l[r] = 0.0f;
   }
   std::fill(sc.accn.begin(), sc.accn.end(), 0.0f);
   std::fill(sc.accs.begin(), sc.accs.end(), 0.0f);
-  const std::int64_t ngv = D / a.Gv;
+  std::fill(sc.accm.begin(), sc.accm.end(), 0.0f);
 
-  // ---- quantized tokens [t0, min(t1, nq)), block by block, never crossing a key group
+  // ---- quantized tokens [t0, min(t1, nq)): whole key groups (chunks are multiples of G)
   if constexpr (PREC != 16) {
     const std::int64_t qe = std::min(it.t1, nq);
-    std::int64_t cur_group = -1;
-    for (std::int64_t t0 = it.t0; t0 < qe;) {
-      const std::int64_t g = t0 / a.G;
-      const int nb = static_cast<int>(std::min<std::int64_t>({kBlock, qe - t0, (g + 1) * a.G - t0}));
-      if (g != cur_group) {  // key min/scale for this group, split order, scale/16
-        cur_group = g;
-        const T* ks = a.kscale + (bh * (a.Tq / a.G) + g) * D;
-        const T* km = a.kmin + (bh * (a.Tq / a.G) + g) * D;
-        for (std::int64_t i = 0; i < half; ++i) {
-          sc.kst[i] = to_float(ks[2 * i]) * 0.0625f;
-          sc.kst[half + i] = to_float(ks[2 * i + 1]) * 0.0625f;
-          sc.kmn[i] = to_float(km[2 * i]);
-          sc.kmn[half + i] = to_float(km[2 * i + 1]);
+    const std::int64_t G = a.G, pairs = G / 2, ng = a.Tq / G;
+    const bool fast_values = a.Gv % 32 == 0;
+    for (std::int64_t t0 = it.t0; t0 < qe; t0 += G) {
+      const std::int64_t g = t0 / G;
+      // fold the group's per-channel scale/16 and min into the query rows
+      const T* ks = a.kscale + (bh * ng + g) * D;
+      const T* km = a.kmin + (bh * ng + g) * D;
+      for (std::int64_t d = 0; d < D; ++d) {
+        sc.kst[d] = to_float(ks[d]) * 0.0625f;
+        sc.kmn[d] = to_float(km[d]);
+      }
+      for (std::int64_t r = 0; r < R; ++r) {
+        const float* qn = sc.qn.data() + r * D;
+        float* qk = sc.qk.data() + r * D;
+        float mterm = 0.0f;
+        for (std::int64_t d = 0; d < D; ++d) {
+          qk[d] = qn[d] * sc.kst[d];
+          mterm += qn[d] * sc.kmn[d];
+        }
+        sc.qm[r] = mterm;
+      }
+      const std::uint8_t* ug = a.ku + (bh * ng + g) * D * pairs;
+      const std::uint8_t* lg = a.kl + (bh * ng + g) * D * pairs;
+      for (std::int64_t rb = 0; rb < R; rb += kRB) {
+        const std::int64_t nr = std::min<std::int64_t>(kRB, R - rb);
+        const float* qk = sc.qk.data() + rb * D;
+        const float* qm = sc.qm.data() + rb;
+        float* s = sc.s.data() + rb * sc.ld;
+        std::int64_t j0 = 0;
+        for (; j0 + kTB <= pairs; j0 += kTB)
+          key_tile<PREC>(ug + j0, lg + j0, pairs, qk, qm, D, s + 2 * j0, sc.ld, nr);
+        if (j0 < pairs)
+          key_tail<PREC>(ug + j0, lg + j0, pairs, static_cast<int>(pairs - j0), qk, qm, D,
+                         s + 2 * j0, sc.ld, nr);
+      }
+      softmax_block(sc, R, D, G, t0);
+      // values of the group: per-token scale/16 and min per value group, token order
+      const std::int64_t row0 = bh * a.Tq + t0;
+      const T* vs = a.vscale + row0 * ngv;
+      const T* vm = a.vmin + row0 * ngv;
+      for (std::int64_t t = 0; t < G; ++t) {
+        for (std::int64_t k = 0; k < ngv; ++k) {
+          sc.vsk[k * G + t] = to_float(vs[t * ngv + k]) * 0.0625f;
+          sc.vmk[k * G + t] = to_float(vm[t * ngv + k]);
         }
       }
-      for (int j = 0; j < nb; ++j) {
-        const std::int64_t row = bh * a.Tq + t0 + j;
-        unpack_codes<PREC>(a.ku + row * half, a.kl + row * half, sc.kf.data(), half);
-        float* kf = sc.kf.data();
-#pragma omp simd
-        for (std::int64_t d = 0; d < D; ++d) kf[d] = kf[d] * sc.kst[d] + sc.kmn[d];
-        for (std::int64_t r = 0; r < R; ++r) sc.s[r * kBlock + j] = dot(sc.qs.data() + r * D, kf, D);
-      }
-      softmax_block(sc, R, D, nb, t0);
-      for (int j = 0; j < nb; ++j) {
-        const std::int64_t row = bh * a.Tq + t0 + j;
-        unpack_codes<PREC>(a.vu + row * half, a.vl + row * half, sc.vf.data(), half);
-        const T* vs = a.vscale + row * ngv;
-        const T* vm = a.vmin + row * ngv;
-        float* vf = sc.vf.data();
-        const std::int64_t gh = a.Gv / 2;  // split-order channels per value group, per half
-        for (std::int64_t k = 0; k < ngv; ++k) {
-          const float st = to_float(vs[k]) * 0.0625f, mn = to_float(vm[k]);
-#pragma omp simd
-          for (std::int64_t i = k * gh; i < (k + 1) * gh; ++i) {
-            vf[i] = vf[i] * st + mn;
-            vf[half + i] = vf[half + i] * st + mn;
+      if (fast_values) {
+        const std::uint8_t* vug = a.vu + row0 * half;
+        const std::uint8_t* vlg = a.vl + row0 * half;
+        for (std::int64_t r = 0; r < R; ++r) {
+          const float* pr = sc.s.data() + r * sc.ld;
+          for (std::int64_t k = 0; k < ngv; ++k) {
+            const float* mk = sc.vmk.data() + k * G;
+            float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+            for (std::int64_t t = 0; t < G; ++t) acc += pr[t] * mk[t];
+            sc.accm[r * ngv + k] += acc;
           }
         }
-        for (std::int64_t r = 0; r < R; ++r) {
-          const float p = sc.s[r * kBlock + j];
-          if (p != 0.0f) axpy(sc.accs.data() + r * D, p, vf, D);
+        for (std::int64_t rb = 0; rb < R; rb += kRB) {
+          const std::int64_t nr = std::min<std::int64_t>(kRB, R - rb);
+          for (std::int64_t b0 = 0; b0 < half; b0 += kTB) {
+            const std::int64_t k = 2 * b0 / a.Gv;  // the tile's 32 channels share a group
+            value_tile<PREC>(vug + b0, vlg + b0, half, G, sc.s.data() + rb * sc.ld, sc.ld,
+                             sc.vsk.data() + k * G, sc.accs.data() + rb * D, D, b0, nr);
+          }
+        }
+      } else {  // value groups narrower than a tile: dequantize token by token
+        const std::int64_t gh = a.Gv / 2;  // split-order channels per value group, per half
+        for (std::int64_t t = 0; t < G; ++t) {
+          const std::int64_t row = row0 + t;
+          unpack_codes<PREC>(a.vu + row * half, a.vl + row * half, sc.vf.data(), half);
+          float* vf = sc.vf.data();
+          for (std::int64_t k = 0; k < ngv; ++k) {
+            const float st = sc.vsk[k * G + t], mn = sc.vmk[k * G + t];
+#pragma omp simd
+            for (std::int64_t i = k * gh; i < (k + 1) * gh; ++i) {
+              vf[i] = vf[i] * st + mn;
+              vf[half + i] = vf[half + i] * st + mn;
+            }
+          }
+          for (std::int64_t r = 0; r < R; ++r) {
+            const float p = sc.s[r * sc.ld + t];
+            if (p != 0.0f) axpy(sc.accs.data() + r * D, p, vf, D);
+          }
         }
       }
-      t0 += nb;
     }
   }
 
-  // ---- full-precision tokens [max(t0, nq), t1) from the ring buffer
-  for (std::int64_t t0 = std::max(it.t0, nq); t0 < it.t1;) {
+  // ---- full-precision tokens [max(t0, nq of the first row), t1) from the ring buffer
+  for (std::int64_t r = 0; r < R; ++r) {
+    sc.lo[r] = sc.nqr[r];
+    sc.hi[r] = sc.limit[r];
+  }
+  for (std::int64_t t0 = std::max(it.t0, sc.nqr[0]); t0 < it.t1;) {
     const int nb = static_cast<int>(std::min<std::int64_t>(kBlock, it.t1 - t0));
     for (int j = 0; j < nb; ++j) {
       const T* kr = a.kbuf + (bh * a.ring + (t0 + j) % a.ring) * D;
       float* kf = sc.kf.data();
 #pragma omp simd
       for (std::int64_t d = 0; d < D; ++d) kf[d] = to_float(kr[d]);
-      for (std::int64_t r = 0; r < R; ++r) sc.s[r * kBlock + j] = dot(sc.qn.data() + r * D, kf, D);
+      for (std::int64_t r = 0; r < R; ++r) sc.s[r * sc.ld + j] = dot(sc.qn.data() + r * D, kf, D);
     }
     softmax_block(sc, R, D, nb, t0);
     for (int j = 0; j < nb; ++j) {
@@ -219,7 +411,7 @@ void run_item(const FD<T>& a, const Item& it, Scratch& sc, float* o_part, float*
 #pragma omp simd
       for (std::int64_t d = 0; d < D; ++d) vf[d] = to_float(vr[d]);
       for (std::int64_t r = 0; r < R; ++r) {
-        const float p = sc.s[r * kBlock + j];
+        const float p = sc.s[r * sc.ld + j];
         if (p != 0.0f) axpy(sc.accn.data() + r * D, p, vf, D);
       }
     }
@@ -232,9 +424,11 @@ void run_item(const FD<T>& a, const Item& it, Scratch& sc, float* o_part, float*
     const float* an = sc.accn.data() + r * D;
     const float* as = sc.accs.data() + r * D;
     float* o = o_part + r * D;
+    const float* am = sc.accm.data() + r * ngv;
     for (std::int64_t i = 0; i < half; ++i) {
-      o[2 * i] = (an[2 * i] + as[i]) * inv;
-      o[2 * i + 1] = (an[2 * i + 1] + as[half + i]) * inv;
+      const float mt = am[2 * i / a.Gv];  // both channels of a byte share a value group
+      o[2 * i] = (an[2 * i] + as[i] + mt) * inv;
+      o[2 * i + 1] = (an[2 * i + 1] + as[half + i] + mt) * inv;
     }
     lse_part[r] = lr > 0.0f ? sc.m[r] + std::log(lr) : -INFINITY;
   }
@@ -266,7 +460,7 @@ void run(const FD<T>& a, T* out, int threads) {
 #pragma omp parallel num_threads(threads)
   {
     Scratch sc;
-    sc.init(R, D, D / a.Gv);
+    sc.init(R, D, D / a.Gv, PREC == 16 ? 1 : a.G);
 #pragma omp for schedule(dynamic, 1)
     for (std::int64_t i = 0; i < ni; ++i) run_item<T, PREC>(a, items[i], sc, o_part.data() + i * R * D, lse_part.data() + i * R);
 #pragma omp for schedule(static)

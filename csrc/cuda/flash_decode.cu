@@ -5,13 +5,17 @@
 // its own, writing a partial output and log-sum-exp to a float32 workspace that the merge
 // kernel combines (O = sum_s exp(lse_s - lse) O_s). Lanes split head_dim (DPL = D / 32
 // consecutive channels each, an even count, so a lane's channels are whole bytes of the
-// nibble-packed codes). Per token, a lane loads its key channels (codes: U, L and the
+// nibble-packed value codes; key codes are channel-major per group, [D, G/2] with token
+// pairs per byte, so a lane reads one byte per key channel: uncoalesced, left for when a
+// GPU can measure a tiled key loop). Per token, a lane loads its key channels (codes: U, L and the
 // group's per-channel min/scale; or the full-precision ring buffer slot t % ring when
 // t >= n_quant), dequantizes them in registers, and the warp reduces q.k for the query rows
 // of this kv head (GQA: rows in tiles of kRows, each tile one pass over the chunk); values
 // likewise, accumulated per row in registers with an online softmax. Dense caches are the
 // buffer-only case (precision 16, ring = T). Verify (n > 1): row i of a head group reads
-// keys t <= length - n + i.
+// keys t <= p = length - n + i, codes for t < nq_i = kv_row_quant_len(p, ...) and the ring
+// from there (what one-token decoding of p read); a token in [nq of row 0, n_quant) loads
+// both its codes and its ring slot and each row scores the one it reads.
 #include "cuda_utils.cuh"
 #include "kernels.h"
 #include "qwen3_fast/kv_quant_math.h"
@@ -41,16 +45,28 @@ __device__ __forceinline__ void load_row(const FDArgs<T>& a, const std::uint8_t*
   constexpr int D = DPL * 32;
   const int d0 = lane * DPL;
   if (PREC != 16 && t < nq) {
-    const std::uint8_t* ur = u_arr + (bh * a.Tq + t) * (D / 2) + d0 / 2;
-    const std::uint8_t* lr = l_arr + (bh * a.Tq + t) * (D / 2) + d0 / 2;
+    if (key) {  // channel-major group [D, G/2]: byte (t % G) / 2 of channel d, nibble t % 2
+      const std::int64_t pairs = a.G / 2;
+      const std::int64_t base = ((bh * (a.Tq / a.G) + t / a.G) * D + d0) * pairs + (t % a.G) / 2;
+      const int sh = static_cast<int>(t % 2) * 4;
 #pragma unroll
-    for (int i = 0; i < DPL / 2; ++i) {
-      const int ub = ur[i];
-      const int lb = PREC == 8 ? lr[i] : 0;
-      const int c0 = PREC == 8 ? kv_code_from(kv_lo(ub), kv_lo(lb)) : 16 * kv_lo(ub);
-      const int c1 = PREC == 8 ? kv_code_from(kv_hi(ub), kv_hi(lb)) : 16 * kv_hi(ub);
-      out[2 * i] = static_cast<float>(c0);
-      out[2 * i + 1] = static_cast<float>(c1);
+      for (int i = 0; i < DPL; ++i) {
+        const int ub = (u_arr[base + i * pairs] >> sh) & 15;
+        const int lb = PREC == 8 ? (l_arr[base + i * pairs] >> sh) & 15 : 0;
+        out[i] = static_cast<float>(PREC == 8 ? kv_code_from(ub, lb) : 16 * ub);
+      }
+    } else {  // token-major [Tq, D/2]: channel pairs per byte
+      const std::uint8_t* ur = u_arr + (bh * a.Tq + t) * (D / 2) + d0 / 2;
+      const std::uint8_t* lr = l_arr + (bh * a.Tq + t) * (D / 2) + d0 / 2;
+#pragma unroll
+      for (int i = 0; i < DPL / 2; ++i) {
+        const int ub = ur[i];
+        const int lb = PREC == 8 ? lr[i] : 0;
+        const int c0 = PREC == 8 ? kv_code_from(kv_lo(ub), kv_lo(lb)) : 16 * kv_lo(ub);
+        const int c1 = PREC == 8 ? kv_code_from(kv_hi(ub), kv_hi(lb)) : 16 * kv_hi(ub);
+        out[2 * i] = static_cast<float>(c0);
+        out[2 * i + 1] = static_cast<float>(c1);
+      }
     }
     if (key) {
       const std::int64_t g = bh * (a.Tq / a.G) + t / a.G;
@@ -90,27 +106,37 @@ __global__ void __launch_bounds__(32 * kWarps) flash_decode_kernel(FDArgs<T> a) 
   const T* q = a.q + (b * a.Hq + h * groups) * a.n * D;
   for (int r0 = 0; r0 < R; r0 += kRows) {
     float qr[kRows][DPL], acc[kRows][DPL], m[kRows], l[kRows];
-    std::int64_t limit[kRows];
+    std::int64_t limit[kRows], nqr[kRows];
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {
       const int row = r0 + r;
       m[r] = -1e30f; l[r] = 0.0f;
       limit[r] = row < R ? length - a.n + row % a.n : -1;
+      nqr[r] = PREC == 16 || row >= R ? 0 : kv_row_quant_len(limit[r], length, nq, a.G, a.ring);
 #pragma unroll
       for (int i = 0; i < DPL; ++i) {
         qr[r][i] = row < R ? to_float(q[row * D + lane * DPL + i]) * a.scale : 0.0f;
         acc[r][i] = 0.0f;
       }
     }
+    // verify: tokens [nq_first, nq) are codes for some rows and ring values for others
+    const std::int64_t nq_first =
+        PREC == 16 ? 0 : kv_row_quant_len(length - a.n, length, nq, a.G, a.ring);
     for (std::int64_t t = t_begin; t < t_end; ++t) {
-      float kf[DPL], vf[DPL];
+      float kf[DPL], vf[DPL], kb[DPL], vb[DPL];
       load_row<T, DPL, PREC>(a, a.ku, a.kl, a.kbuf, true, bh, t, nq, lane, kf);
       load_row<T, DPL, PREC>(a, a.vu, a.vl, a.vbuf, false, bh, t, nq, lane, vf);
+      const bool both = PREC != 16 && t >= nq_first && t < nq;  // warp-uniform
+      if (both) {  // n_quant 0: the ring slot
+        load_row<T, DPL, PREC>(a, a.ku, a.kl, a.kbuf, true, bh, t, 0, lane, kb);
+        load_row<T, DPL, PREC>(a, a.vu, a.vl, a.vbuf, false, bh, t, 0, lane, vb);
+      }
 #pragma unroll
       for (int r = 0; r < kRows; ++r) {
+        const bool ring_row = both && t >= nqr[r];
         float s = 0.0f;
 #pragma unroll
-        for (int i = 0; i < DPL; ++i) s += qr[r][i] * kf[i];
+        for (int i = 0; i < DPL; ++i) s += qr[r][i] * (ring_row ? kb[i] : kf[i]);
 #pragma unroll
         for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
         if (t <= limit[r]) {
@@ -118,7 +144,7 @@ __global__ void __launch_bounds__(32 * kWarps) flash_decode_kernel(FDArgs<T> a) 
           const float alpha = __expf(m[r] - mn), p = __expf(s - mn);
           l[r] = l[r] * alpha + p;
 #pragma unroll
-          for (int i = 0; i < DPL; ++i) acc[r][i] = acc[r][i] * alpha + p * vf[i];
+          for (int i = 0; i < DPL; ++i) acc[r][i] = acc[r][i] * alpha + p * (ring_row ? vb[i] : vf[i]);
           m[r] = mn;
         }
       }

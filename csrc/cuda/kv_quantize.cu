@@ -1,8 +1,10 @@
 // QuantSpec KV quantization on the GPU (format: csrc/include/qwen3_fast/kv_quant_math.h;
 // same arithmetic as csrc/cpu/kv_quantize.cpp: IEEE division, floor(y + 0.5), the scale
 // rounded to nearest in the model dtype then one step up if 15*s would not cover the range).
-// Keys (per_column): one block per [rows, cols] group, one thread per column pair (2i,
-// 2i+1) walking the rows: min/max, then codes; consecutive threads touch consecutive pairs.
+// Keys (per_column): one block per [rows, cols] group, one thread per column walking the
+// rows: min/max, then codes of token pairs (2j, 2j+1) packed into byte j of the column's
+// row of the channel-major [cols, rows/2] output; consecutive threads read consecutive
+// columns.
 // Values (per row): one warp per row, lanes over column pairs, warp-shuffle min/max.
 #include "cuda_utils.cuh"
 #include "kernels.h"
@@ -31,24 +33,26 @@ __global__ void quantize_columns(const T* __restrict__ x, std::uint8_t* __restri
                                  std::uint8_t* __restrict__ l, T* __restrict__ mn,
                                  T* __restrict__ sc, std::int64_t rows, std::int64_t cols) {
   const std::int64_t o = blockIdx.x;
-  const std::int64_t half = cols / 2;
+  const std::int64_t pairs = rows / 2;
   const T* xg = x + o * rows * cols;
-  for (std::int64_t i = threadIdx.x; i < half; i += blockDim.x) {
-    float lo0 = INFINITY, hi0 = -INFINITY, lo1 = INFINITY, hi1 = -INFINITY;
+  for (std::int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
+    float lo = INFINITY, hi = -INFINITY;
     for (std::int64_t r = 0; r < rows; ++r) {
-      const float a = to_float(xg[r * cols + 2 * i]), b = to_float(xg[r * cols + 2 * i + 1]);
-      lo0 = fminf(lo0, a); hi0 = fmaxf(hi0, a); lo1 = fminf(lo1, b); hi1 = fmaxf(hi1, b);
+      const float a = to_float(xg[r * cols + c]);
+      lo = fminf(lo, a); hi = fmaxf(hi, a);
     }
-    const T m0 = from_float<T>(lo0), m1 = from_float<T>(lo1);
-    const T s0 = scale_up<T>(hi0 - lo0), s1 = scale_up<T>(hi1 - lo1);
-    mn[o * cols + 2 * i] = m0; mn[o * cols + 2 * i + 1] = m1;
-    sc[o * cols + 2 * i] = s0; sc[o * cols + 2 * i + 1] = s1;
-    const float fm0 = to_float(m0), fm1 = to_float(m1), fs0 = to_float(s0), fs1 = to_float(s1);
-    for (std::int64_t r = 0; r < rows; ++r) {
-      const int c0 = kv_code8(to_float(xg[r * cols + 2 * i]), fm0, fs0);
-      const int c1 = kv_code8(to_float(xg[r * cols + 2 * i + 1]), fm1, fs1);
-      u[(o * rows + r) * half + i] = kv_pack(kv_upper(c0), kv_upper(c1));
-      l[(o * rows + r) * half + i] = kv_pack(kv_lower(c0), kv_lower(c1));
+    const T m = from_float<T>(lo);
+    const T s = scale_up<T>(hi - lo);
+    mn[o * cols + c] = m;
+    sc[o * cols + c] = s;
+    const float fm = to_float(m), fs = to_float(s);
+    std::uint8_t* uc = u + (o * cols + c) * pairs;
+    std::uint8_t* lc = l + (o * cols + c) * pairs;
+    for (std::int64_t j = 0; j < pairs; ++j) {
+      const int c0 = kv_code8(to_float(xg[2 * j * cols + c]), fm, fs);
+      const int c1 = kv_code8(to_float(xg[(2 * j + 1) * cols + c]), fm, fs);
+      uc[j] = kv_pack(kv_upper(c0), kv_upper(c1));
+      lc[j] = kv_pack(kv_lower(c0), kv_lower(c1));
     }
   }
 }
@@ -88,6 +92,8 @@ void kv_quantize(ptr x, ptr u, ptr l, ptr mn, ptr sc, std::int64_t outer, std::i
                  std::int64_t cols, int per_column, int dtype, ptr stream) {
   check_arg(outer >= 0 && rows > 0 && cols > 0, "kv_quantize: sizes must be positive");
   check_arg(cols % 2 == 0, "kv_quantize: cols must be even, got " + std::to_string(cols));
+  check_arg(!per_column || rows % 2 == 0,
+            "kv_quantize: key groups must have an even token count, got " + std::to_string(rows));
   if (outer == 0) return;
   check_ptr(x, "x"); check_ptr(u, "u"); check_ptr(l, "l"); check_ptr(mn, "mn"); check_ptr(sc, "sc");
   dispatch_dtype(dtype, "x", [&](auto tx) {
@@ -95,7 +101,7 @@ void kv_quantize(ptr x, ptr u, ptr l, ptr mn, ptr sc, std::int64_t outer, std::i
     auto* up = reinterpret_cast<std::uint8_t*>(u);
     auto* lp = reinterpret_cast<std::uint8_t*>(l);
     if (per_column) {
-      const int threads = static_cast<int>(std::min<std::int64_t>(256, std::max<std::int64_t>(32, cols / 2)));
+      const int threads = static_cast<int>(std::min<std::int64_t>(256, std::max<std::int64_t>(32, cols)));
       quantize_columns<T><<<static_cast<unsigned>(outer), threads, 0, as_stream(stream)>>>(
           reinterpret_cast<const T*>(x), up, lp, reinterpret_cast<T*>(mn), reinterpret_cast<T*>(sc),
           rows, cols);

@@ -4,6 +4,8 @@ through one forward.
 - greedy decoding with the dense cache gives the tokens of full-forward recomputation;
 - ragged (right-padded) batched prefill + decode equals each sequence alone;
 - verify / chunked steps (S > 1 on a non-empty cache) equal the full forward;
+- MoE models: greedy with the cache equals full recomputation;
+- torch.compile of a decode step through the cache path (fullgraph for write + attention);
 - the 8-bit hierarchical cache moves the perplexity of a tiny random bf16 model on random
   text by < 1% from the bf16 dense cache (the figure is printed with -s).
 
@@ -16,6 +18,7 @@ import math
 import pytest
 import torch
 
+from qwen3_fast import ops
 from qwen3_fast.model import Qwen3Config, Qwen3ForCausalLM
 
 
@@ -88,6 +91,65 @@ def test_rollback_then_decode_equals_never_drafted():
     la = model(ids[:, 24:25], cache=a).logits
     lb = model(ids[:, 24:25], cache=b).logits
     assert torch.equal(la, lb)
+
+
+def test_moe_greedy_cache_equals_full_recompute():
+    # MoE layers (router + experts) between cached attention: dense cache tokens equal full
+    # recomputation; the 8-bit cache's logits stay close to it
+    model = tiny(torch.float32, init=0.2, model_type="qwen3_moe", num_experts=8,
+                 num_experts_per_tok=2, moe_intermediate_size=64)
+    assert model.config.is_moe
+    ids = torch.randint(0, 512, (2, 9), generator=torch.Generator().manual_seed(8))
+    want = greedy_full(model, ids, 6)
+    assert torch.equal(greedy_cached(model, ids, 6, model.new_cache(2, 32)), want)
+    cache = model.new_cache(2, 32, "hierarchical", group_size=2)
+    with torch.no_grad():
+        got = torch.cat([model(want[:, :9], cache=cache, precision=8).logits] +
+                        [model(want[:, i:i + 1], cache=cache, precision=8).logits
+                         for i in range(9, 15)], 1)
+        full = model(want).logits
+    assert cache.quantized_lengths() == [12, 12]  # n_quant(15) with G = 2: codes are read
+    assert (got - full).abs().max() <= 5e-2 * full.abs().max()
+
+
+def test_compile_decode_step(kind="hierarchical", precision=8):
+    """torch.compile of one decode step through the cache path. The whole model step
+    compiles (aot_eager: dynamo + fake tensors, no C++ codegen, to stay fast) but not with
+    fullgraph=True: the model's position checks (`int(positions.max())` for the rope table,
+    `positions.min() < 0`) are data-dependent .item() calls that break the graph. The cache
+    path itself (write + flash_decode) compiles with fullgraph=True. Dynamo guards on the
+    cache's host-side lengths (Python ints), so every step recompiles: compiling a decode
+    loop needs lengths as tensors end to end (the engine's concern)."""
+    model = tiny(torch.float32)
+    ids = torch.randint(0, 512, (2, 20), generator=torch.Generator().manual_seed(9))
+    a = model.new_cache(2, 48, kind, group_size=4)
+    b = model.new_cache(2, 48, kind, group_size=4)
+    step = torch.compile(lambda x, c: model(x, cache=c, precision=precision).logits,
+                         backend="aot_eager")
+    with torch.no_grad():
+        model(ids, cache=a, precision=precision)
+        model(ids, cache=b, precision=precision)
+        for i in range(1):
+            nxt = ids[:, i:i + 1]
+            torch.testing.assert_close(step(nxt, b),
+                                       model(nxt, cache=a, precision=precision).logits,
+                                       rtol=1e-5, atol=1e-5)
+    # fullgraph over the cache path of one layer
+    hkv, d = model.config.num_key_value_heads, model.config.head_dim
+    k, v = torch.randn(2, hkv, 1, d), torch.randn(2, hkv, 1, d)
+    q = torch.randn(2, model.config.num_attention_heads, 1, d)
+
+    def attend(cache, q, k, v):
+        cache.write(0, k, v)
+        return ops.flash_decode(q, cache, 0, precision)
+
+    for c in (a, b):
+        c.begin_step(1)
+    got = torch.compile(attend, fullgraph=True, backend="aot_eager")(b, q, k, v)
+    torch.testing.assert_close(got, attend(a, q, k, v), rtol=0, atol=0)
+    for name, t in a.live_state().items():
+        assert t == b.live_state()[name] if name in ("length", "n_quant") else \
+            all(torch.equal(x, y) for x, y in zip(t, b.live_state()[name]))
 
 
 def test_ragged_right_padded_prefill_then_decode():

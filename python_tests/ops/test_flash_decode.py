@@ -1,6 +1,8 @@
 """flash_decode over dense (16) and hierarchical (8, 4) caches against the reference
 (attention in fp32 over the dequantized cache), close to full-precision attention, ragged
-batches, the verify variant (n > 1, causal among the new tokens), bad inputs.
+batches, the verify variant (n > 1, causal among the new tokens; over the hierarchical
+cache row i reads the quantized prefix of its own length, as one-token decoding did), bad
+inputs.
 
 Lengths 1, G-1, G, 2G+1, 4096+17 and 32768 (about 2 s on the C++ kernel: not marked slow).
 
@@ -12,7 +14,7 @@ import pytest
 import torch
 
 from qwen3_fast import ops
-from qwen3_fast.cache import DenseKVCache, HierarchicalKVCache
+from qwen3_fast.cache import DenseKVCache, HierarchicalKVCache, quantized_length
 from qwen3_fast.ops import reference
 
 from conftest import compiled_backends
@@ -52,6 +54,22 @@ def make_caches(lengths, hkv=2, d=128, g=G, dtype=torch.bfloat16, device="cpu", 
     return dense, hier, kk, vv
 
 
+def per_row_reference(q, cache, prec, scale):
+    """The oracle, [B, Hq, n, D] float32: query row i of sequence b (position
+    p = len_b - n + i) attends over the cache's view at length p + 1 (cache.dequantized with
+    lengths: that length's quantized prefix, the rest from the ring), row by row."""
+    n = q.shape[2]
+    lens = cache.seq_lengths()
+    rows = []
+    for i in range(n):
+        at = [length - n + 1 + i for length in lens]
+        kd, vd = cache.dequantized(0, prec, at) if prec != 16 else cache.dequantized(0, prec)
+        at_t = torch.tensor(at, dtype=torch.int32, device=q.device)
+        rows.append(reference.flash_decode(q[:, :, i:i + 1].float(), kd[:, :, :max(at)].float(),
+                                           vd[:, :, :max(at)].float(), at_t, scale))
+    return torch.cat(rows, dim=2)
+
+
 def _check(backend, q, dense, hier, kf, vf, full_tol=(0.0, 0.01, 0.1)):
     scale = q.shape[-1] ** -0.5
     lengths = dense.lengths
@@ -59,8 +77,7 @@ def _check(backend, q, dense, hier, kf, vf, full_tol=(0.0, 0.01, 0.1)):
     for prec, cache, tol in ((16, dense, full_tol[0]), (8, hier, full_tol[1]), (4, hier, full_tol[2])):
         with ops.use_backend(backend):
             out = ops.flash_decode(q, cache, 0, prec)
-        kd, vd = cache.dequantized(0, prec)
-        want = reference.flash_decode(q.float(), kd.float(), vd.float(), lengths, scale)
+        want = per_row_reference(q, cache, prec, scale)
         assert out.dtype == q.dtype and out.shape == q.shape
         err = (out.float() - want).abs().max().item()
         ulp = 2e-6 if q.dtype == torch.float32 else (8e-3 if q.dtype == torch.bfloat16 else 1e-3)
@@ -118,6 +135,94 @@ def test_verify_equals_sequential_decode():
             torch.testing.assert_close(one, outs[p][:, :, i:i + 1], rtol=1e-5, atol=1e-6)
         dense.rollback(1)
         hier.rollback(1)
+
+
+def verify_step_cache(starts, n, g, d=64, hkv=2, device="cpu", s=16, seed=3):
+    """A float32 hierarchical cache after a prefill of `starts` tokens and one step of n
+    tokens per sequence (written in one step, as verification does). Returns (cache, k, v)
+    with k, v [B, Hkv, max(starts) + n, D] each sequence's full-precision history."""
+    gen = torch.Generator().manual_seed(seed)
+    b, total = len(starts), max(starts) + n
+    k = torch.randn(b, hkv, total, d, generator=gen)
+    v = torch.randn(b, hkv, total, d, generator=gen)
+    k[..., 5] += 3.0
+    cache = HierarchicalKVCache(1, b, hkv, d, total, torch.float32, device, group_size=g,
+                                max_speculative_tokens=s)
+    cache.begin_step(starts)
+    cache.write(0, k[:, :, :max(starts)].to(device), v[:, :, :max(starts)].to(device))
+    cache.begin_step(n)
+    new_k = torch.stack([k[i, :, st:st + n] for i, st in enumerate(starts)])
+    new_v = torch.stack([v[i, :, st:st + n] for i, st in enumerate(starts)])
+    cache.write(0, new_k.to(device), new_v.to(device))
+    return cache, k.to(device), v.to(device)
+
+
+def check_verify_crossing(device, backend, g, n, starts):
+    """A verify window of n tokens that crosses a group boundary in some sequences: each
+    query row equals single-query decoding of its position (n = 1 on the cache rolled back
+    to that length) and the per-row oracle, to fp32 rounding; the final length's n_quant for
+    every row (the old semantics) is measurably different on the crossing rows."""
+    cache, _, _ = verify_step_cache(starts, n, g, device=device)
+    crossing = [quantized_length(st + 1, g) < quantized_length(st + n, g) for st in starts]
+    assert any(crossing)
+    q = torch.randn(len(starts), 6, n, 64, generator=torch.Generator().manual_seed(4)).to(device)
+    scale = 64 ** -0.5
+    outs = {}
+    for prec in (8, 4):
+        with ops.use_backend(backend):
+            outs[prec] = ops.flash_decode(q, cache, 0, prec)
+        torch.testing.assert_close(outs[prec], per_row_reference(q, cache, prec, scale),
+                                   rtol=1e-5, atol=2e-6)
+        kd, vd = cache.dequantized(0, prec)
+        old = reference.flash_decode(q, kd, vd, cache.lengths, scale)  # final n_quant for all
+        gap = (old - outs[prec]).abs().amax(dim=(1, 3))  # [B, n]
+        mask = torch.tensor(crossing, device=gap.device)
+        assert gap[mask].max() > 1e-3, "no row reads a different prefix"
+        if not mask.all():  # windows inside one quantized length: nothing changes
+            assert gap[~mask].max() <= 1e-5
+    for i in range(n - 1, -1, -1):
+        for prec in (8, 4):
+            with ops.use_backend(backend):
+                one = ops.flash_decode(q[:, :, i:i + 1].contiguous(), cache, 0, prec)
+            torch.testing.assert_close(one, outs[prec][:, :, i:i + 1], rtol=1e-5, atol=2e-6)
+        cache.rollback(1)
+
+
+# (G, n, prefill lengths): G = 32 = value group (the vectorized value path), windows crossing
+# at their last row, inside, or not at all; G = 4, n = 9: windows crossing two boundaries
+# (value groups of 4: the per-token value path)
+CROSSING = [(32, 5, [60, 62, 70, 3, 95]), (4, 9, [1, 5, 11, 14])]
+
+
+@pytest.mark.parametrize("device,backend", compiled_backends() + [pytest.param("cpu", "reference", id="reference")])
+@pytest.mark.parametrize("g,n,starts", CROSSING)
+def test_verify_window_crossing_group_boundary(device, backend, g, n, starts):
+    check_verify_crossing(device, backend, g, n, starts)
+
+
+def check_long_step(device, backend):
+    """A step longer than S + 1 tokens (e.g. chunked prefill): the ring no longer holds the
+    early rows' tokens, so those rows read codes up to the ring's oldest whole group. The
+    oracle takes the codes below each row's prefix and the true full-precision keys and
+    values above it (not the ring), so a row that read an overwritten slot fails."""
+    g, s, n, starts = 4, 2, 12, [6, 9]  # ring = 2G + S = 10
+    cache, k, v = verify_step_cache(starts, n, g, device=device, s=s)
+    rows = reference.kv_row_quant_lengths(cache.lengths, cache.n_quant, n, g, cache.ring)
+    # lengths 18 and 21: policy quantized_length(p + 1) [0,0,4,4,4,4,8,8,8,8,12,12] and
+    # [4,4,4,8,8,8,8,12,12,12,12,16], raised to the ring's oldest group 8 and 12
+    assert rows.tolist() == [[8] * 10 + [12] * 2, [12] * 11 + [16]]
+    q = torch.randn(2, 4, n, 64, generator=torch.Generator().manual_seed(5)).to(device)
+    for prec in (8, 4):
+        kd, vd = cache.dequantized(0, prec)  # codes for [0, n_quant)
+        want = reference.flash_decode(q, kd, vd, cache.lengths, 0.125, k, v, rows)
+        with ops.use_backend(backend):
+            got = ops.flash_decode(q, cache, 0, prec)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("device,backend", compiled_backends() + [pytest.param("cpu", "reference", id="reference")])
+def test_step_longer_than_ring_margin(device, backend):
+    check_long_step(device, backend)
 
 
 def test_bad_inputs_named():

@@ -104,6 +104,28 @@ def test_bad_inputs_named():
         ops.kv_dequantize(*ops.kv_quantize(x, "key", 16), "key", 16, bits=2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind,shape,g", [("key", (3, 2, 48, 10), 24), ("key", (256, 128), 128),
+                                          ("value", (5, 3, 96), 32), ("value", (7, 8), 8)])
+def test_dequantize_kernel_equals_reference(dtype, kind, shape, g):
+    x = (torch.randn(shape, generator=torch.Generator().manual_seed(4)) * 3).to(dtype)
+    u, lo, mn, s = reference.kv_quantize(x, kind, g)
+    for bits in (8, 4):
+        got = ops.kv_dequantize(u, lo, mn, s, kind, g, bits)  # CPU C++ kernel
+        want = reference.kv_dequantize(u, lo, mn, s, kind, g, bits)
+        assert got.dtype == torch.float32 and got.shape == x.shape
+        assert torch.equal(got, want), f"bits {bits}: {(got != want).sum()} differ"
+    with pytest.raises(ValueError, match="u has shape"):
+        ops.kv_dequantize(u[..., :-1], lo[..., :-1], mn, s, kind, g)
+
+
+def test_dequantize_compile_smoke():
+    u, lo, mn, s = reference.kv_quantize(torch.randn(2, 32, 16, dtype=torch.bfloat16), "key", 16)
+    fn = torch.compile(lambda *t: ops.kv_dequantize(*t, "key", 16, 8), fullgraph=True,
+                       backend="aot_eager")
+    assert torch.equal(fn(u, lo, mn, s), reference.kv_dequantize(u, lo, mn, s, "key", 16))
+
+
 def test_compile_smoke():
     x = torch.randn(2, 32, 16, dtype=torch.bfloat16)
     fn = torch.compile(lambda t: ops.kv_quantize(t, "key", 16), fullgraph=True)

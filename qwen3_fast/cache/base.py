@@ -81,6 +81,7 @@ class KVCacheBase:
             self._check_rollback(b, k)
         self._len = [length - k for length, k in zip(self._len, n)]
         self._start = [min(s, length) for s, length in zip(self._start, self._len)]
+        self._on_rollback()
         self._sync()
 
     def reset(self) -> None:
@@ -94,6 +95,9 @@ class KVCacheBase:
         pass
 
     def _on_lengths_changed(self) -> None:
+        pass
+
+    def _on_rollback(self) -> None:
         pass
 
     def _sync(self) -> None:

@@ -45,6 +45,12 @@ class DenseKVCache(KVCacheBase):
         t = max(self._len) if self._len else 0
         return self.k[layer, :, :, :t], self.v[layer, :, :, :t]
 
+    def live_state(self) -> dict:
+        """What a reader can see: "length" and, per sequence, k, v [L, Hkv, len, D]."""
+        return {"length": list(self._len),
+                "k": [self.k[:, b, :, :n].clone() for b, n in enumerate(self._len)],
+                "v": [self.v[:, b, :, :n].clone() for b, n in enumerate(self._len)]}
+
     def bytes_per_token(self, bits: Optional[int] = None) -> float:
         return 2 * self.num_kv_heads * self.head_dim * self.k.element_size()
 

@@ -6,21 +6,39 @@ stored as U = (c + 8) >> 4 and L = c - 16U + 8 in separate nibble-packed arrays.
 8-bit value c * s/16 + min (|err| <= s/32), 4-bit value U * s + min (|err| <= 17/32 s).
 
 Per layer (leading dim of every tensor):
-- keys, per channel over groups of G tokens:  k_u, k_l [B, Hkv, Tq, D/2] uint8,
-  k_min, k_scale [B, Hkv, Tq/G, D] model dtype;
+- keys, per channel over groups of G tokens: k_u, k_l [B, Hkv, Tq/G, D, G/2] uint8, channel-
+  major inside a group with the nibbles packed along tokens (token 2j low, 2j+1 high), so
+  a query channel meets a run of G tokens' codes contiguously (scores vectorize over
+  tokens); k_min, k_scale [B, Hkv, Tq/G, D] model dtype;
 - values, per token over groups of Gv = min(G, D) along head_dim (QuantSpec: G = D = 128,
   one group per token): v_u, v_l [B, Hkv, Tq, D/2], v_min, v_scale [B, Hkv, Tq, D/Gv];
-- full-precision ring buffer k_buf, v_buf [B, Hkv, 2G, D]: token t of the buffered range
-  [n_quant, length) lives in slot t % 2G (n_quant is a multiple of G, so the range never
-  wraps onto itself and quantizing the oldest G frees one contiguous half).
+- full-precision ring buffer k_buf, v_buf [B, Hkv, 2G + S, D], S = max_speculative_tokens:
+  token t of the buffered range [n_quant, length) lives in slot t % (2G + S).
 
-Policy: an append that would hold more than 2G buffered tokens first quantizes the oldest
-whole groups of G, just enough to fit: n_quant(len) = G * max(0, ceil((len - 2G) / G)),
-never decreasing. After any step the buffer holds min(len, G+1 .. 2G) tokens, so rollback of
-up to G tokens after a step of <= G+1 tokens always stays in full precision; rollback never
-drops quantized tokens (ValueError). Note that quantization is decided at append time: a
-step that crossed a G boundary and is then rolled back keeps its newly quantized (accepted)
-group, which decoding the accepted tokens alone would have quantized one step later.
+Policy: the quantized prefix is a pure function of the length,
+n_quant(len) = G * max(0, ceil((len - 2G) / G)) (whole groups; the buffer then holds
+min(len, G+1 .. 2G) tokens), so after any step or rollback the cache holds exactly what
+one-token-at-a-time decoding of the same (accepted) tokens would have built: the same codes
+and scales for [0, n_quant) and the same full-precision values for [n_quant, len) at the same
+slots (:meth:`live_state`). A step that pushes a group out of the buffer quantizes it at
+once (every new token is also written to the ring); a rollback that brings the length
+back below the boundary simply lowers n_quant: the group's full-precision values are still
+in the ring. ``rollback`` may return a sequence to any length L >= peak - S, where peak is
+the longest length it has reached since :meth:`reset` (ValueError below that): the tokens
+[n_quant(L), L) it needs span at most 2G, and a token t's slot is only reused by token
+t + 2G + S >= n_quant(L) + 2G + S >= L + S >= peak, which was never written. Self-speculative
+decoding needs S >= gamma (gamma drafted tokens, verification of gamma + 1, rollback of
+the rejected ones). The codes beyond n_quant left by such a rollback are stale and never
+read; the next crossing re-quantizes the same accepted tokens to the same codes.
+
+Verify reads (flash_decode with n > 1 new tokens, lengths L0 -> L = L0 + n): query row i
+at p = L0 + i reads codes for [0, nq_i) and the ring for [nq_i, p], nq_i =
+n_quant(p + 1), exactly what one-token decoding of p read (ops.reference.kv_row_quant_lengths).
+Codes exist up to n_quant(L) >= nq_i. The ring holds every token >= nq_0 when n <= S + 1:
+nq_0 >= L0 + 1 - 2G, and a token t >= nq_0 shares its slot only with t + 2G + S >=
+L0 + 1 + S >= L, not written in this step (n <= S + 1), nor before it (the peak before the
+step is <= L0 + S by the rollback floor). A longer step (a chunked prefill) overwrites
+older slots: the kernels then raise nq_i to the ring's oldest whole group, at most n_quant(L).
 """
 from __future__ import annotations
 
@@ -34,7 +52,8 @@ from qwen3_fast.cache.base import KVCacheBase
 
 
 def quantized_length(length: int, group_size: int, n_quant: int = 0) -> int:
-    """Quantized prefix after the cache reaches `length` tokens (lazy, whole groups)."""
+    """Quantized prefix of a sequence of `length` tokens (whole groups, at most 2G left in
+    full precision); `n_quant` is a lower bound (kept for callers that track one)."""
     need = group_size * max(0, math.ceil((length - 2 * group_size) / group_size))
     return max(n_quant, need)
 
@@ -45,11 +64,17 @@ class HierarchicalKVCache(KVCacheBase):
 
     def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, head_dim: int,
                  max_length: int, dtype: torch.dtype = torch.bfloat16, device="cpu",
-                 group_size: int = 128):
+                 group_size: int = 128, max_speculative_tokens: int = 16):
+        """max_speculative_tokens (S): how far below its longest length a sequence may be
+        rolled back (>= gamma for self-speculative decoding); costs S buffer slots."""
         super().__init__(num_layers, batch_size, num_kv_heads, head_dim, max_length, dtype, device)
         g = group_size
         if isinstance(g, bool) or not isinstance(g, int) or g < 2 or g % 2:
             raise ValueError(f"group_size must be an even int >= 2, got {group_size!r}")
+        s = max_speculative_tokens
+        if isinstance(s, bool) or not isinstance(s, int) or s < 0:
+            raise ValueError(f"max_speculative_tokens must be an int >= 0, got {s!r}")
+        self.max_speculative_tokens = s
         if head_dim % 2:
             raise ValueError(f"head_dim must be even for nibble packing, got {head_dim}")
         self.group_size = g
@@ -57,16 +82,16 @@ class HierarchicalKVCache(KVCacheBase):
         if head_dim % self.value_group or self.value_group % 2:
             raise ValueError(f"head_dim {head_dim} must be a multiple of the value group "
                              f"{self.value_group} (min(group_size, head_dim)), itself even")
-        self.ring = 2 * g
+        self.ring = 2 * g + s
         ng = max(1, math.ceil(max_length / g))
         self.quant_capacity = tq = ng * g
         lb = (num_layers, batch_size, num_kv_heads)
         dev = self.device
         u8 = torch.uint8
-        self.k_u = torch.zeros(*lb, tq, head_dim // 2, dtype=u8, device=dev)
+        self.k_u = torch.zeros(*lb, ng, head_dim, g // 2, dtype=u8, device=dev)
         self.k_l = torch.zeros_like(self.k_u)
-        self.v_u = torch.zeros_like(self.k_u)
-        self.v_l = torch.zeros_like(self.k_u)
+        self.v_u = torch.zeros(*lb, tq, head_dim // 2, dtype=u8, device=dev)
+        self.v_l = torch.zeros_like(self.v_u)
         self.k_min = torch.zeros(*lb, ng, head_dim, dtype=dtype, device=dev)
         self.k_scale = torch.zeros_like(self.k_min)
         self.v_min = torch.zeros(*lb, tq, head_dim // self.value_group, dtype=dtype, device=dev)
@@ -75,21 +100,41 @@ class HierarchicalKVCache(KVCacheBase):
         self.v_buf = torch.zeros_like(self.k_buf)
         self._nq = [0] * batch_size
         self._nq_start = [0] * batch_size
+        self._peak = [0] * batch_size  # longest length since reset: rollback floor + S
         self.n_quant = torch.zeros(batch_size, dtype=torch.int32, device=dev)
 
     # ------------------------------------------------------------------ bookkeeping
     def _on_lengths_changed(self) -> None:
         self._nq_start = list(self._nq)
-        self._nq = [quantized_length(n, self.group_size, q) for n, q in zip(self._len, self._nq)]
+        self._nq = [quantized_length(n, self.group_size) for n in self._len]
+        self._peak = [max(p, n) for p, n in zip(self._peak, self._len)]
+
+    def _on_rollback(self) -> None:
+        # n_quant is a function of the length: lowering it "un-quantizes" groups whose
+        # full-precision values are still in the ring (module docstring).
+        self._nq = [quantized_length(n, self.group_size) for n in self._len]
+        self._nq_start = [min(a, b) for a, b in zip(self._nq_start, self._nq)]
+
+    def reset(self) -> None:
+        self._peak = [0] * self.batch_size
+        super().reset()
 
     def _sync(self) -> None:
         super()._sync()
         self.n_quant.copy_(torch.tensor(self._nq, dtype=torch.int32))
 
     def _check_rollback(self, b: int, k: int) -> None:
-        if self._len[b] - k < self._nq[b]:
-            raise ValueError(f"rollback: sequence {b} has {self._len[b] - self._nq[b]} "
-                             f"full-precision tokens; dropping {k} would drop quantized ones")
+        floor = self._peak[b] - self.max_speculative_tokens
+        if self._len[b] - k < floor:
+            raise ValueError(
+                f"rollback: sequence {b} can go back to length {max(floor, 0)} at the least "
+                f"(its longest length {self._peak[b]} minus max_speculative_tokens "
+                f"{self.max_speculative_tokens}); dropping {k} of {self._len[b]} tokens goes "
+                f"below")
+
+    def rollback_floor(self) -> list[int]:
+        """Per sequence, the shortest length :meth:`rollback` may return to."""
+        return [max(0, p - self.max_speculative_tokens) for p in self._peak]
 
     def quantized_lengths(self) -> list[int]:
         return list(self._nq)
@@ -125,36 +170,50 @@ class HierarchicalKVCache(KVCacheBase):
                 fv = torch.cat(parts_v, dim=1)
                 ku, kl, kmn, ks = ops.kv_quantize(fk, "key", g)
                 vu, vl, vmn, vs = ops.kv_quantize(fv, "value", self.value_group)
-                self.k_u[layer, b, :, q0:q1] = ku
-                self.k_l[layer, b, :, q0:q1] = kl
+                self.k_u[layer, b, :, q0 // g:q1 // g] = ku
+                self.k_l[layer, b, :, q0 // g:q1 // g] = kl
                 self.k_min[layer, b, :, q0 // g:q1 // g] = kmn
                 self.k_scale[layer, b, :, q0 // g:q1 // g] = ks
                 self.v_u[layer, b, :, q0:q1] = vu
                 self.v_l[layer, b, :, q0:q1] = vl
                 self.v_min[layer, b, :, q0:q1] = vmn
                 self.v_scale[layer, b, :, q0:q1] = vs
-            first = max(start, q1)
+            # every new token goes to the ring, also those quantized already (up to the
+            # newest `ring`): a rollback may un-quantize them again
+            first = max(start, end - ring)
             if end > first:
                 slots = torch.arange(first, end, device=self.device) % ring
                 self.k_buf[layer, b][:, slots] = k[b, :, first - start:cnt]
                 self.v_buf[layer, b][:, slots] = v[b, :, first - start:cnt]
 
     # ------------------------------------------------------------------ reads
-    def dequantized(self, layer: int, bits: int = 8) -> tuple[Tensor, Tensor]:
+    def dequantized(self, layer: int, bits: int = 8,
+                    lengths: Optional[list[int]] = None) -> tuple[Tensor, Tensor]:
         """(k, v) [B, Hkv, T, D] float32 in logical order, quantized part dequantized at
-        `bits` (8 or 4): what the kernels must compute attention over (the reference view)."""
+        `bits` (8 or 4): what the kernels must compute attention over (the reference view).
+        `lengths` (per sequence, between :meth:`rollback_floor` and the current length): the
+        view the sequence would read at that length instead (n_quant of that length, the
+        rest from the ring; T = max(lengths)): what row i of a verify step must read."""
         from qwen3_fast.ops import reference
 
-        t = max(self._len) if self._len else 0
+        if lengths is None:
+            lengths = self._len
+        if len(lengths) != self.batch_size or any(
+                not lo <= n <= cur for lo, n, cur in zip(self.rollback_floor(), lengths, self._len)):
+            raise ValueError(f"lengths must give each sequence a length between its rollback "
+                             f"floor {self.rollback_floor()} and its length {self._len}, got "
+                             f"{lengths}")
+        t = max(lengths) if lengths else 0
         shape = (self.batch_size, self.num_kv_heads, t, self.head_dim)
         kd = torch.zeros(shape, dtype=torch.float32, device=self.device)
         vd = torch.zeros_like(kd)
         g = self.group_size
         for b in range(self.batch_size):
-            nq, n = self._nq[b], self._len[b]
+            n = lengths[b]
+            nq = quantized_length(n, g)
             if nq:
                 kd[b, :, :nq] = reference.kv_dequantize(
-                    self.k_u[layer, b, :, :nq], self.k_l[layer, b, :, :nq],
+                    self.k_u[layer, b, :, :nq // g], self.k_l[layer, b, :, :nq // g],
                     self.k_min[layer, b, :, :nq // g], self.k_scale[layer, b, :, :nq // g],
                     "key", g, bits)
                 vd[b, :, :nq] = reference.kv_dequantize(
@@ -167,10 +226,33 @@ class HierarchicalKVCache(KVCacheBase):
                 vd[b, :, nq:n] = self.v_buf[layer, b][:, slots].float()
         return kd, vd
 
+    def live_state(self) -> dict:
+        """Everything a reader of the cache can see, per sequence (all layers): "length",
+        "n_quant" (lists of ints) and, as lists over the batch, the quantized part
+        k_u, k_l, k_min, k_scale [L, Hkv, nq/G, ...], v_u, v_l
+        [L, Hkv, nq, D/2], v_min, v_scale [L, Hkv, nq, D/Gv], and the buffered tokens
+        k_buf, v_buf [L, Hkv, len - nq, D] in token order (k_u, k_l are
+        [L, Hkv, nq/G, D, G/2]: the cache's key layout). Two caches that decoded the same
+        accepted tokens have equal live states, whatever was drafted and rolled back."""
+        g = self.group_size
+        out: dict = {"length": list(self._len), "n_quant": list(self._nq)}
+        for name in ("k_u", "k_l", "k_min", "k_scale", "v_u", "v_l", "v_min", "v_scale",
+                     "k_buf", "v_buf"):
+            out[name] = []
+        for b, (n, nq) in enumerate(zip(self._len, self._nq)):
+            for name in ("v_u", "v_l", "v_min", "v_scale"):
+                out[name].append(getattr(self, name)[:, b, :, :nq].clone())
+            for name in ("k_u", "k_l", "k_min", "k_scale"):
+                out[name].append(getattr(self, name)[:, b, :, :nq // g].clone())
+            slots = torch.arange(nq, n, device=self.device) % self.ring
+            out["k_buf"].append(self.k_buf[:, b][:, :, slots].clone())
+            out["v_buf"].append(self.v_buf[:, b][:, :, slots].clone())
+        return out
+
     # ------------------------------------------------------------------ sizes
     def bytes_per_token(self, bits: Optional[int] = 8) -> float:
         """Bytes per token per layer of the quantized store: stored (bits=8: U + L + scales)
-        or read by the draft (bits=4: U + scales). The 2G-token buffer is a fixed extra."""
+        or read by the draft (bits=4: U + scales). The (2G + S)-slot buffer is a fixed extra."""
         d, hkv, g = self.head_dim, self.num_kv_heads, self.group_size
         e = self.k_min.element_size()
         codes = d // 2 * (2 if bits == 8 else 1)  # bytes of codes per token per head, k or v

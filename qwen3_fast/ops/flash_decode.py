@@ -8,6 +8,13 @@ read a :class:`~qwen3_fast.cache.HierarchicalKVCache`. q holds the newest n toke
 sequence, already written to the cache: n = 1 is decoding, n > 1 the speculative verify
 step (causal among the n).
 
+Verify over a hierarchical cache: query row i (position p = length - n + i) reads codes for
+[0, nq_i) and the full-precision ring for [nq_i, p], nq_i the quantized length the cache had
+at length p + 1 (reference.kv_row_quant_lengths; the same formula in every kernel), so row i
+equals plain one-token decoding of position p whenever the window crosses a group boundary
+(the window needs n <= max_speculative_tokens + 1; longer steps such as a chunked prefill
+read the groups that left the ring as codes).
+
 Layers: kernels (csrc/cpu/flash_decode.cpp, ops/triton/flash_decode.py) -> tensor-level
 custom ops ``qwen3_fast::flash_decode_dense`` / ``flash_decode_hier`` (tensors, sizes,
 backend; no cache objects) -> :func:`flash_decode` (checks, backend choice).
@@ -28,15 +35,19 @@ PRECISIONS = (16, 8, 4)
 
 # ------------------------------------------------------------------ reference (tensor level)
 def dequantize_layer(k_u, k_l, k_min, k_scale, v_u, v_l, v_min, v_scale, k_buf, v_buf,
-                     n_quant: Tensor, lengths: Tensor, precision: int, group_size: int
-                     ) -> tuple[Tensor, Tensor]:
-    """The logical (k, v) [B, Hkv, T = max length, D] float32 of one hierarchical layer."""
+                     lengths: Tensor, precision: int, group_size: int
+                     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Both views of one hierarchical layer in logical token order, float32
+    [B, Hkv, T = max length, D] each: (k, v) dequantized from the codes (zero past the
+    quantized capacity) and (k, v) gathered from the ring (slot t % ring). Which one a
+    query row reads at token t is its business (reference.kv_row_quant_lengths)."""
     t = int(lengths.max()) if lengths.numel() else 0
     ring = k_buf.shape[2]
     d = k_buf.shape[3]
     gv = d // v_min.shape[-1]
-    tq = min(t, k_u.shape[2]) // group_size * group_size
-    kq = reference.kv_dequantize(k_u[:, :, :tq], k_l[:, :, :tq], k_min[:, :, :tq // group_size],
+    tq = min(t, v_u.shape[2]) // group_size * group_size
+    kq = reference.kv_dequantize(k_u[:, :, :tq // group_size], k_l[:, :, :tq // group_size],
+                                 k_min[:, :, :tq // group_size],
                                  k_scale[:, :, :tq // group_size], "key", group_size, precision)
     vq = reference.kv_dequantize(v_u[:, :, :tq], v_l[:, :, :tq], v_min[:, :, :tq],
                                  v_scale[:, :, :tq], "value", gv, precision)
@@ -47,8 +58,7 @@ def dequantize_layer(k_u, k_l, k_min, k_scale, v_u, v_l, v_min, v_scale, k_buf, 
     slots = (pos % ring).view(1, 1, t, 1).expand(k_buf.shape[0], k_buf.shape[1], t, d)
     kb = torch.gather(k_buf.float(), 2, slots)
     vb = torch.gather(v_buf.float(), 2, slots)
-    is_q = (pos.view(1, t) < n_quant.view(-1, 1).long()).view(-1, 1, t, 1)
-    return torch.where(is_q, kq, kb), torch.where(is_q, vq, vb)
+    return kq, vq, kb, vb
 
 
 # ------------------------------------------------------------------ one backend
@@ -62,9 +72,11 @@ def flash_decode_forward(q: Tensor, k_u: Optional[Tensor], k_l: Optional[Tensor]
         if precision == 16:
             t = int(lengths.max())
             return reference.flash_decode(q, k_buf[:, :, :t], v_buf[:, :, :t], lengths, scale)
-        k, v = dequantize_layer(k_u, k_l, k_min, k_scale, v_u, v_l, v_min, v_scale, k_buf,
-                                v_buf, n_quant, lengths, precision, group_size)
-        return reference.flash_decode(q, k, v, lengths, scale)
+        kq, vq, kb, vb = dequantize_layer(k_u, k_l, k_min, k_scale, v_u, v_l, v_min, v_scale,
+                                          k_buf, v_buf, lengths, precision, group_size)
+        rows = reference.kv_row_quant_lengths(lengths, n_quant, q.shape[2], group_size,
+                                              k_buf.shape[2])
+        return reference.flash_decode(q, kq, vq, lengths, scale, kb, vb, rows)
     if backend == "triton":
         from qwen3_fast.ops.triton.flash_decode import flash_decode_forward as triton_forward
 
@@ -84,7 +96,7 @@ def flash_decode_forward(q: Tensor, k_u: Optional[Tensor], k_l: Optional[Tensor]
         launch(backend, "flash_decode", q.device, ptr(q), ptr(k_u), ptr(k_l), ptr(k_min),
                ptr(k_scale), ptr(v_u), ptr(v_l), ptr(v_min), ptr(v_scale), ptr(k_buf),
                ptr(v_buf), ptr(n_quant), ptr(lengths), ptr(out), b, hq, hkv, n, d,
-               k_u.shape[2], ring, group_size, d // v_min.shape[-1], precision, scale, code(q))
+               v_u.shape[2], ring, group_size, d // v_min.shape[-1], precision, scale, code(q))
     return out
 
 
@@ -114,7 +126,7 @@ def _cuda_forward(q, k_u, k_l, k_min, k_scale, v_u, v_l, v_min, v_scale, k_buf, 
         launch("cuda", "flash_decode", q.device, ptr(q), ptr(k_u), ptr(k_l), ptr(k_min),
                ptr(k_scale), ptr(v_u), ptr(v_l), ptr(v_min), ptr(v_scale), ptr(k_buf),
                ptr(v_buf), ptr(n_quant), ptr(lengths), ptr(out), ptr(o_part), ptr(lse), b, hq,
-               hkv, n, d, k_u.shape[2], ring, group_size, d // v_min.shape[-1], chunk, splits,
+               hkv, n, d, v_u.shape[2], ring, group_size, d // v_min.shape[-1], chunk, splits,
                precision, scale, code(q))
     return out
 

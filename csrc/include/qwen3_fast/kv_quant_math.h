@@ -39,6 +39,23 @@ QWEN3_FAST_KVQ_HD std::uint8_t kv_pack(int even, int odd) {
 QWEN3_FAST_KVQ_HD int kv_lo(std::uint8_t b) { return b & 15; }
 QWEN3_FAST_KVQ_HD int kv_hi(std::uint8_t b) { return b >> 4; }
 
+// Quantized prefix read by the query at position p of a sequence of `length` tokens (verify
+// variant of flash-decoding, p in [length - n, length)): codes for [0, nq), the ring for
+// [nq, p]. nq = the cache's policy quantized_length(p + 1) = G * max(0, ceil((p + 1 - 2G) / G)),
+// so each row sees what one-token decoding of p saw; at least the ring's oldest whole group
+// G * ceil((length - ring) / G) (a step longer than S + 1 tokens has overwritten older
+// slots); at most n_quant (with the cache's n_quant = quantized_length(length) the last row,
+// and so n = 1 decoding, reads exactly n_quant). Same as reference.kv_row_quant_lengths.
+QWEN3_FAST_KVQ_HD std::int64_t kv_row_quant_len(std::int64_t p, std::int64_t length,
+                                                std::int64_t n_quant, std::int64_t group,
+                                                std::int64_t ring) {
+  const std::int64_t policy = p > group ? group * ((p - group) / group) : 0;
+  const std::int64_t over = length - ring;
+  const std::int64_t oldest = over > 0 ? (over + group - 1) / group * group : 0;
+  const std::int64_t nq = policy > oldest ? policy : oldest;
+  return nq < n_quant ? nq : n_quant;
+}
+
 // Flash-decoding merge: partial s has normalized output o_s and lse_s = m_s + log(l_s)
 // (-inf when it saw no key). O = sum_s w_s o_s with w_s = exp(lse_s - lse),
 // lse = logsumexp_s lse_s. Callers loop: first find lse_max, then accumulate weights.
