@@ -1,0 +1,131 @@
+// Skinny bfloat16 linear on the CPU: y[m, n] = x[m, k] @ w[n, k]^T for 1 <= m <= 16 rows
+// (decode: one to a few tokens), x, w, y row-major and contiguous, float32 accumulation,
+// one rounding to bfloat16 (nearest even) per output, like torch's bf16 matmul.
+//
+// Why not torch.nn.functional.linear (what ops/linear.py uses for every other case): at
+// m <= 8 rows torch's bf16 GEMM reads the weight at ~3.3 GB/s per thread here, a few
+// percent of what the memory can deliver, and decode is nothing but weight reads. Here
+// each thread owns a static slice of weight rows and streams it from memory exactly once,
+// applying every weight row to all m activation rows while it is in cache (bytes moved ~
+// n*k*2 whatever m is). c[i][j] is a dot product along k: 16 float32 lanes of vdpbf16ps
+// (32 bf16 products each) and one horizontal add per output at the end. A k tail (any k,
+// odd too) is a masked load whose missing lanes are zero.
+#include <algorithm>
+#include <string>
+#include <vector>
+
+#include "cpu_math.h"
+#include "kernels.h"
+
+#if defined(__AVX512BF16__)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <immintrin.h>
+#endif
+
+namespace qwen3_fast::cpu {
+
+namespace {
+
+constexpr std::int64_t kMaxRows = 16;
+
+#if defined(__AVX512BF16__)
+constexpr int kNR = 4;  // weight rows per micro-tile: 4 independent loads in flight
+constexpr int kMR = 4;  // activation rows per micro-tile: 16 accumulators + 4 + 1 zmm live
+
+inline __m512bh load_bh(const bf16* p, __mmask32 mask) {
+  return reinterpret_cast<__m512bh>(_mm512_maskz_loadu_epi16(mask, p));
+}
+
+// y[MR x nr] = x rows [MR, k] . weight rows w[0..nr) (stride k), nr <= kNR.
+template <int MR>
+void micro_tile(const bf16* x, const bf16* w, int nr, std::int64_t k, bf16* y,
+                std::int64_t ldy) {
+  __m512 acc[MR][kNR];
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 16
+    for (int j = 0; j < kNR; ++j) acc[i][j] = _mm512_setzero_ps();
+  const bf16* wr[kNR];
+  for (int j = 0; j < kNR; ++j) wr[j] = w + std::min(j, nr - 1) * k;  // repeat the last row
+  // acc must live in registers: the unroll pragmas (and one loop with the tail mask per
+  // step) make GCC scalarize it; without them it kept acc on the stack and stored every
+  // accumulator every k step (3x slower at m=8).
+  for (std::int64_t k0 = 0; k0 < k; k0 += 32) {
+    const std::int64_t left = k - k0;
+    const __mmask32 mask = left >= 32 ? ~__mmask32{0} : static_cast<__mmask32>((1u << left) - 1u);
+    __m512bh bv[kNR];
+#pragma GCC unroll 16
+    for (int j = 0; j < kNR; ++j) bv[j] = load_bh(wr[j] + k0, mask);
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i) {
+      const __m512bh av = load_bh(x + i * k + k0, mask);
+#pragma GCC unroll 16
+      for (int j = 0; j < kNR; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], av, bv[j]);
+    }
+  }
+  // Reduce all kNR accumulators (constant bounds: indexing acc by the runtime nr would
+  // also pin it to the stack), then write the nr real columns.
+  float sums[MR][kNR];
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 16
+    for (int j = 0; j < kNR; ++j) sums[i][j] = _mm512_reduce_add_ps(acc[i][j]);
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < nr; ++j) y[i * ldy + j] = from_float<bf16>(sums[i][j]);
+}
+
+// All m rows against weight rows w[0..nr): the weight tile (nr * k * 2 bytes) comes from
+// memory on the first row group and from L1/L2 for the others.
+void tile_all_rows(const bf16* x, std::int64_t m, const bf16* w, int nr, std::int64_t k,
+                   bf16* y, std::int64_t ldy) {
+  std::int64_t r = 0;
+  for (; r + kMR <= m; r += kMR) micro_tile<kMR>(x + r * k, w, nr, k, y + r * ldy, ldy);
+  switch (m - r) {
+    case 3: micro_tile<3>(x + r * k, w, nr, k, y + r * ldy, ldy); break;
+    case 2: micro_tile<2>(x + r * k, w, nr, k, y + r * ldy, ldy); break;
+    case 1: micro_tile<1>(x + r * k, w, nr, k, y + r * ldy, ldy); break;
+    default: break;
+  }
+}
+#endif
+
+}  // namespace
+
+void linear_bf16(ptr x, ptr w, ptr y, std::int64_t m, std::int64_t n, std::int64_t k,
+                 int num_threads) {
+  check_arg(m >= 1 && m <= kMaxRows, "linear: rows m must be in [1, 16], got " + std::to_string(m));
+  check_arg(n > 0, "linear: out_features n must be > 0, got " + std::to_string(n));
+  check_arg(k > 0, "linear: in_features k must be > 0, got " + std::to_string(k));
+  check_ptr(x, "x"); check_ptr(w, "weight"); check_ptr(y, "y");
+  const bf16* xp = reinterpret_cast<const bf16*>(x);
+  const bf16* wp = reinterpret_cast<const bf16*>(w);
+  bf16* yp = reinterpret_cast<bf16*>(y);
+#if defined(__AVX512BF16__)
+  const std::int64_t tiles = (n + kNR - 1) / kNR;
+  // static: contiguous slices of weight rows per thread, each read once, in order
+#pragma omp parallel for num_threads(clamp_threads(num_threads)) schedule(static)
+  for (std::int64_t t = 0; t < tiles; ++t) {
+    const std::int64_t j0 = t * kNR;
+    const int nr = static_cast<int>(std::min<std::int64_t>(kNR, n - j0));
+    tile_all_rows(xp, m, wp + j0 * k, nr, k, yp + j0, n);
+  }
+#else
+  // Portable path: x converted to float32 once, then per weight row a float dot product
+  // against every x row (the weight row is read from memory once and reused from cache).
+  std::vector<float> xf(static_cast<std::size_t>(m * k));
+  for (std::int64_t i = 0; i < m * k; ++i) xf[i] = to_float(xp[i]);
+#pragma omp parallel for num_threads(clamp_threads(num_threads)) schedule(static)
+  for (std::int64_t j = 0; j < n; ++j) {
+    const bf16* wr = wp + j * k;
+    for (std::int64_t i = 0; i < m; ++i) {
+      const float* xr = xf.data() + i * k;
+      float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+      for (std::int64_t kk = 0; kk < k; ++kk) acc += xr[kk] * to_float(wr[kk]);
+      yp[i * n + j] = from_float<bf16>(acc);
+    }
+  }
+#endif
+}
+
+}  // namespace qwen3_fast::cpu
