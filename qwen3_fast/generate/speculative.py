@@ -22,11 +22,16 @@ synchronization (the counts stay on the device until the caller needs them).
 """
 from __future__ import annotations
 
+import contextlib
+import copy
+import time
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor
+
+from qwen3_fast.generate.sampling import apply_penalties, filtered_candidates
 
 
 @dataclass
@@ -254,5 +259,211 @@ class GammaController:
         return best
 
 
+def _clone_state(state):
+    """A copy of a PenaltyState (or None) that draft/verify positions can advance."""
+    if state is None:
+        return None
+    twin = copy.copy(state)
+    twin.counts = None if state.counts is None else state.counts.clone()
+    twin.seen = None if state.seen is None else state.seen.clone()
+    return twin
+
+
+def full_probs(sampler, logits: Tensor, state) -> Tensor:
+    """The sampling distribution of every row over the whole vocabulary.
+
+    The same processing as ``BatchSampler.sample`` (penalties from `state`, temperature,
+    top-k, top-p, min-p); greedy rows (temperature 0) get a one-hot at the argmax, which
+    makes rejection sampling reduce to greedy acceptance for them.
+
+    logits [B, V'] (V' >= sampler.vocab_size) -> probs [B, V] float32.
+    """
+    logits = logits[:, : sampler.vocab_size].float()
+    logits = apply_penalties(logits, state, sampler.repetition, sampler.presence,
+                             sampler.frequency)
+    onehot = torch.zeros_like(logits).scatter_(1, logits.argmax(-1, keepdim=True), 1.0)
+    if sampler.all_greedy:
+        return onehot
+    cand, ids = filtered_candidates(logits, sampler.temperature, sampler.top_k, sampler.top_p,
+                                    sampler.min_p, sampler.k_max)
+    probs = torch.zeros_like(logits).scatter_(1, ids, cand)
+    if any(sampler.greedy_rows):
+        greedy = torch.tensor(sampler.greedy_rows, device=logits.device).view(-1, 1)
+        probs = torch.where(greedy, onehot, probs)
+    return probs
+
+
+def speculative_step(model, cache, pending: Tensor, gamma: int, sampler,
+                     config: QuantSpecConfig) -> tuple[Tensor, Tensor, float, float]:
+    """One draft-verify-accept round for a batch; the cache ends exactly as plain decoding.
+
+    Parameters
+    ----------
+    model : Qwen3ForCausalLM; cache : its HierarchicalKVCache (built with
+        max_speculative_tokens >= gamma + 1).
+    pending : [B] int64, each row's last chosen token, not yet in the cache.
+    gamma : draft tokens this step.
+    sampler : the batch's ``BatchSampler`` (its penalty state is read, not advanced: the
+        caller observes the tokens it keeps).
+    config : draft KV bits and draft weights.
+
+    Returns
+    -------
+    tokens : [B, gamma + 1] int64; row b emits tokens[b, :n[b] + 1] (accepted drafts, then
+        the target's correction or bonus token, which becomes the new pending token).
+    n_accepted : [B] int64.
+    draft_seconds, verify_seconds : wall time of the two phases.
+    """
+    from qwen3_fast.model.quant import draft_weights  # model/ is below generate/
+
+    b = pending.shape[0]
+    generators = sampler.generators
+    state = _clone_state(sampler.state)
+    t0 = time.perf_counter()
+    drafts, qs = [], []
+    tok = pending
+    weights = draft_weights(model) if config.draft_weight_bits == 4 else contextlib.nullcontext()
+    with weights:
+        for _ in range(gamma):
+            logits = model(tok.view(b, 1), cache=cache, precision=config.draft_kv_bits).logits[:, -1]
+            q = full_probs(sampler, logits, state)
+            tok = _sample_rows(q, generators)
+            if state is not None:
+                state.add_tokens(tok)
+            drafts.append(tok)
+            qs.append(q)
+    cache.rollback([gamma] * b)  # the draft's keys/values came from the draft's activations
+    draft_tokens = torch.stack(drafts, dim=1)  # [B, gamma]
+    t1 = time.perf_counter()
+    seq = torch.cat([pending.view(b, 1), draft_tokens], dim=1)
+    logits = model(seq, cache=cache, precision=8).logits  # [B, gamma + 1, V]
+    state = _clone_state(sampler.state)
+    ps = []
+    for i in range(gamma + 1):
+        ps.append(full_probs(sampler, logits[:, i], state))
+        if state is not None and i < gamma:
+            state.add_tokens(draft_tokens[:, i])
+    n, nxt = rejection_accept(draft_tokens, torch.stack(qs, 1), torch.stack(ps, 1), generators)
+    n_host = n.tolist()  # the per-row rollback needs the counts on the host
+    cache.rollback([gamma - k for k in n_host])
+    t2 = time.perf_counter()
+    tokens = torch.cat([draft_tokens, torch.zeros_like(nxt).view(b, 1)], dim=1)
+    tokens.scatter_(1, n.view(b, 1), nxt.view(b, 1))
+    return tokens, n, t1 - t0, t2 - t1
+
+
+def _summary(stats: SpeculativeStats, plain_cost: Optional[float]) -> dict:
+    d = stats.as_dict()
+    steps = max(stats.steps, 1)
+    gamma = max(1, round(d["gamma_mean"])) if stats.gammas else 1
+    d["plain_step_seconds"] = plain_cost
+    d["speedup_estimate"] = (speedup_estimate(stats.acceptance_rate, gamma,
+                                              stats.draft_seconds / steps / gamma,
+                                              stats.verify_seconds / steps, plain_cost)
+                             if plain_cost and stats.steps else None)
+    return d
+
+
+@torch.inference_mode()
+def run_speculative_batch(llm, rows: list, prompts: Sequence[Sequence[int]], params: Sequence):
+    """The engine's decode loop with self-speculative steps (``LLM(speculative=...)``).
+
+    Same contract as ``LLM._run_batch`` (yields StreamEvents; rows are the engine's
+    per-sequence states). Each iteration emits the pending token of every row, then either
+    runs one :func:`speculative_step` (rows emit their accepted drafts now and the target's
+    token next iteration) or one plain 8-bit step: the first step (its time is the baseline
+    of the speedup estimate), steps where a row is being fed the thinking-budget sentence,
+    and steps too close to max_seq_len for gamma + 1 new cache entries.
+    """
+    from qwen3_fast.generate.engine import decode_step, decode_thread_cap, prefill
+    from qwen3_fast.generate.sampling import BatchSampler
+    from qwen3_fast.ops._kernel_args import cpu_thread_cap
+
+    model, dev, config = llm.model, llm.model.device, llm.speculative
+    b = len(rows)
+    sampler = BatchSampler(params, prompts, model.config.vocab_size, dev)
+    cache = llm._cache(b)
+    stats = SpeculativeStats()
+    drafted, accepted = [0] * b, [0] * b
+    ctrl = GammaController(config.max_gamma, config.initial_gamma) if config.gamma == "auto" else None
+    gamma = config.initial_gamma
+    plain_cost: Optional[float] = None
+    t0 = time.perf_counter()
+    tokens = sampler.sample(prefill(model, prompts, cache))  # [B] pending: not yet in the cache
+    prefill_s = time.perf_counter() - t0
+    t_decode = time.perf_counter()
+
+    def event(r: int, delta: str):
+        row = rows[r]
+        spec = None
+        if row.done:
+            spec = _summary(stats, plain_cost)
+            spec.update(drafted=drafted[r], accepted=accepted[r],
+                        acceptance_rate=accepted[r] / drafted[r] if drafted[r] else 0.0)
+        return llm._event(row, delta, prefill_s, time.perf_counter() - t_decode, spec)
+
+    while True:
+        forced_rows = [r for r, row in enumerate(rows) if row.forced and not row.done]
+        if forced_rows:
+            values = torch.tensor([rows[r].forced.pop(0) for r in forced_rows], device=dev)
+            tokens = tokens.index_put((torch.tensor(forced_rows, device=dev),), values)
+        sampler.observe(tokens)
+        for r, tok in enumerate(tokens.tolist()):
+            if not rows[r].done:
+                delta = rows[r].push(tok, r in forced_rows)
+                if delta or rows[r].done:
+                    yield event(r, delta)
+        if all(row.done for row in rows):
+            return
+        room = llm.max_seq_len - max(cache.seq_lengths())  # cache slots left in the fullest row
+        g = min(gamma, room - 1)
+        if plain_cost is None or g < 1 or any(row.forced and not row.done for row in rows):
+            ts = time.perf_counter()
+            logits = decode_step(model, tokens, cache)
+            done = [1 if row.done else 0 for row in rows]
+            if any(done):
+                cache.rollback(done)  # finished rows keep their length (engine.py)
+            tokens = sampler.sample(logits)
+            plain_cost = plain_cost or time.perf_counter() - ts
+            continue
+        with cpu_thread_cap(decode_thread_cap(model, cache)):
+            out, n, t_draft, t_verify = speculative_step(model, cache, tokens, g, sampler, config)
+        n_host, out_host = n.tolist(), out.tolist()
+        live = [not row.done for row in rows]
+        stats.steps += 1
+        stats.gammas.append(g)
+        stats.draft_seconds += t_draft
+        stats.verify_seconds += t_verify
+        stats.drafted += g * sum(live)
+        stats.accepted += sum(k for k, a in zip(n_host, live) if a)
+        stats.emitted += sum(k + 1 for k, a in zip(n_host, live) if a)
+        rollback, used = [0] * b, [0] * b
+        for r, row in enumerate(rows):
+            if not live[r]:
+                rollback[r] = n_host[r] + 1  # a finished row's cache length stays put
+                continue
+            drafted[r] += g
+            accepted[r] += n_host[r]
+            for i in range(n_host[r]):  # accepted drafts: already in the cache
+                delta = row.push(out_host[r][i], False)
+                used[r] = i + 1
+                if delta or row.done:
+                    yield event(r, delta)
+                if row.done or row.forced:
+                    # the rest of this row's drafts never happened (it stopped, or the
+                    # thinking budget takes over from here)
+                    rollback[r] = n_host[r] - used[r]
+                    break
+        for i in range(max(used)):
+            sampler.observe(out[:, i], torch.tensor([i < u for u in used], device=dev))
+        if any(rollback):
+            cache.rollback(rollback)
+        tokens = out.gather(1, n.view(-1, 1)).view(-1)
+        if ctrl is not None:
+            gamma = ctrl.update(g * sum(live), sum(k for k, a in zip(n_host, live) if a),
+                                t_draft, t_verify, g)
+
+
 __all__ = ["GammaController", "QuantSpecConfig", "SpeculativeStats", "expected_tokens",
-           "greedy_accept", "rejection_accept", "speedup_estimate"]
+           "full_probs", "greedy_accept", "rejection_accept", "run_speculative_batch",
+           "speculative_step", "speedup_estimate"]
