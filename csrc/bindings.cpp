@@ -97,12 +97,35 @@ PYBIND11_MODULE(_C, m) {
   m.def("kv_quantize_cpu", &c::kv_quantize, arg("x"), arg("u"), arg("l"), arg("mn"), arg("sc"),
         arg("outer"), arg("rows"), arg("cols"), arg("per_column"), arg("dtype"),
         arg("num_threads"), nogil);
+  m.def("kv_dequantize_cpu", &c::kv_dequantize, arg("u"), arg("l"), arg("mn"), arg("sc"),
+        arg("out"), arg("outer"), arg("rows"), arg("cols"), arg("per_column"), arg("bits"),
+        arg("dtype"), arg("num_threads"), nogil);
   m.def("flash_decode_cpu", &c::flash_decode, arg("q"), arg("k_u"), arg("k_l"), arg("k_min"),
         arg("k_scale"), arg("v_u"), arg("v_l"), arg("v_min"), arg("v_scale"), arg("k_buf"),
         arg("v_buf"), arg("n_quant"), arg("lengths"), arg("out"), arg("batch"),
         arg("heads_q"), arg("heads_kv"), arg("n_new"), arg("head_dim"), arg("quant_tokens"),
         arg("ring"), arg("group"), arg("value_group"), arg("precision"), arg("scale"),
         arg("dtype"), arg("num_threads"), nogil);
+  m.def("moe_sort_cpu", &c::moe_sort, arg("expert_ids"), arg("offsets"), arg("row_map"),
+        arg("slots"), arg("num_experts"), arg("num_threads"), nogil);
+  m.def("moe_permute_cpu", &c::moe_permute, arg("src"), arg("src_stride"), arg("row_map"),
+        arg("scale"), arg("dst"), arg("tokens"), arg("top_k"), arg("rows"), arg("cols"),
+        arg("dtype"), arg("num_threads"), nogil);
+  m.def("moe_unpermute_cpu", &c::moe_unpermute, arg("src"), arg("row_map"), arg("weights"),
+        arg("dst"), arg("tokens"), arg("top_k"), arg("rows"), arg("cols"), arg("dtype"),
+        arg("num_threads"), nogil);
+  m.def("moe_unpermute_backward_cpu", &c::moe_unpermute_backward, arg("dy"), arg("src"),
+        arg("row_map"), arg("weights"), arg("d_src"), arg("d_weights"), arg("tokens"),
+        arg("top_k"), arg("rows"), arg("cols"), arg("dtype"), arg("num_threads"), nogil);
+  m.def("grouped_gemm_nt_bf16_available", &c::grouped_gemm_nt_bf16_available);
+  m.def("grouped_gemm_nt_bf16_cpu", &c::grouped_gemm_nt_bf16, arg("a"), arg("b"),
+        arg("offsets"), arg("c"), arg("m"), arg("n"), arg("k"), arg("groups"),
+        arg("num_threads"), nogil);
+  m.def("grouped_gemm_nn_bf16_cpu", &c::grouped_gemm_nn_bf16, arg("a"), arg("b"),
+        arg("offsets"), arg("c"), arg("m"), arg("n"), arg("k"), arg("groups"),
+        arg("num_threads"), nogil);
+  m.def("linear_cpu", &c::linear_bf16, arg("x"), arg("weight"), arg("y"), arg("m"), arg("n"),
+        arg("k"), arg("num_threads"), nogil);
 
 #ifdef QWEN3_FAST_WITH_CUDA
   namespace g = qwen3_fast::cuda;
@@ -144,5 +167,22 @@ PYBIND11_MODULE(_C, m) {
         arg("head_dim"), arg("quant_tokens"), arg("ring"), arg("group"), arg("value_group"),
         arg("chunk"), arg("splits"), arg("precision"), arg("scale"), arg("dtype"),
         arg("stream"), nogil);
+  m.def("moe_sort_cuda", &g::moe_sort, arg("expert_ids"), arg("offsets"), arg("row_map"),
+        arg("cursor"), arg("slots"), arg("num_experts"), arg("stream"), nogil);
+  m.def("moe_permute_cuda", &g::moe_permute, arg("src"), arg("src_stride"), arg("row_map"),
+        arg("scale"), arg("dst"), arg("tokens"), arg("top_k"), arg("rows"), arg("cols"),
+        arg("dtype"), arg("stream"), nogil);
+  m.def("moe_unpermute_cuda", &g::moe_unpermute, arg("src"), arg("row_map"), arg("weights"),
+        arg("dst"), arg("tokens"), arg("top_k"), arg("rows"), arg("cols"), arg("dtype"),
+        arg("stream"), nogil);
+  m.def("moe_unpermute_backward_cuda", &g::moe_unpermute_backward, arg("dy"), arg("src"),
+        arg("row_map"), arg("weights"), arg("d_src"), arg("d_weights"), arg("tokens"),
+        arg("top_k"), arg("rows"), arg("cols"), arg("dtype"), arg("stream"), nogil);
+  m.def("grouped_gemm_cuda", &g::grouped_gemm, arg("a"), arg("b"), arg("offsets"), arg("c"),
+        arg("m"), arg("n"), arg("k"), arg("groups"), arg("trans_b"), arg("dtype"),
+        arg("stream"), nogil);
+  m.def("grouped_gemm_wgrad_cuda", &g::grouped_gemm_wgrad, arg("x"), arg("y"), arg("offsets"),
+        arg("out"), arg("m"), arg("p"), arg("q"), arg("groups"), arg("dtype"), arg("stream"),
+        nogil);
 #endif
 }

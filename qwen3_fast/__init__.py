@@ -47,6 +47,9 @@ _LAZY = {
     "Qwen3MoeForCausalLM": "qwen3_fast.model",
     "CausalLMOutput": "qwen3_fast.model",
     "Qwen3Tokenizer": "qwen3_fast.tokenizer",
+    "LLM": "qwen3_fast.generate",
+    "SamplingParams": "qwen3_fast.generate",
+    "QuantSpecConfig": "qwen3_fast.generate",
 }
 
 

@@ -4,6 +4,10 @@ Subcommands:
   info       what was built and which backend each op uses (= python -m qwen3_fast.info)
   bench-ops  a one-line-per-op speed check of the kernels against the reference (HF math)
              at a Qwen3-8B layer shape; the full suite is ``pytest bench/ --benchmark-only``
+  generate   one reply to --prompt (streams; --json for a JSON result)  [generate/cli.py]
+  chat       interactive chat with /think and /no_think toggles           [generate/cli.py]
+  train      ``train pretrain --config FILE [key=value ...]``: pre-training S1/S2/S3
+             (= python -m qwen3_fast.train; torchrun for several ranks)   [train/]
 """
 from __future__ import annotations
 
@@ -58,7 +62,24 @@ def main(argv: list[str] | None = None) -> int:
     p_bench.add_argument("--tokens", type=int, default=4096)
     p_bench.add_argument("--hidden", type=int, default=4096)
     p_bench.add_argument("--intermediate", type=int, default=12288)
+    from qwen3_fast.generate import cli as generate_cli  # generate / chat (argparse only)
+
+    generate_cli.add_subcommands(sub)
+    p_train = sub.add_parser("train", help="training stages (pretrain: S1/S2/S3)")
+    train_sub = p_train.add_subparsers(dest="train_command", required=True)
+    p_pre = train_sub.add_parser("pretrain", help="pre-training S1/S2/S3 from a YAML config")
+    p_pre.add_argument("--config", help="YAML config file (stage: s1 | s2 | s3)")
+    p_pre.add_argument("overrides", nargs="*", metavar="key=value",
+                       help="dotted-key overrides, e.g. optim.lr=3e-4 data.seq_len=2048")
+    p_pre.add_argument("--print-config", action="store_true",
+                       help="print the resolved config as YAML and exit")
     args = parser.parse_args(argv)
+    if args.command == "train":
+        from qwen3_fast.train.__main__ import run as train_run
+
+        return train_run(args)
+    if args.command in ("generate", "chat"):
+        return generate_cli.main(args)
     if args.command == "info":
         from qwen3_fast import info
 

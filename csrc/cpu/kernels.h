@@ -55,12 +55,19 @@ void qk_norm_rope_backward(ptr dq_out, ptr dk_out, ptr q, std::int64_t q_ts, std
 // QuantSpec KV quantization (csrc/include/qwen3_fast/kv_quant_math.h). x: [outer, rows,
 // cols] contiguous; per_column: groups are the columns of each [rows, cols] tile (keys),
 // min/scale [outer, cols]; else groups are rows (values), min/scale [outer, rows].
-// u, l: [outer, rows, cols/2] uint8 (nibble-packed upper/lower halves of the 8-bit code).
+// u, l: nibble-packed upper/lower halves of the 8-bit code, uint8: per_column (keys)
+// [outer, cols, rows/2] (channel-major, token pairs per byte; rows even), else
+// [outer, rows, cols/2].
 void kv_quantize(ptr x, ptr u, ptr l, ptr mn, ptr sc, std::int64_t outer, std::int64_t rows,
                  std::int64_t cols, int per_column, int dtype, int num_threads);
+// Its inverse: the same u, l, mn, sc (l unused for bits 4) -> out [outer, rows, cols] float32.
+void kv_dequantize(ptr u, ptr l, ptr mn, ptr sc, ptr out, std::int64_t outer,
+                   std::int64_t rows, std::int64_t cols, int per_column, int bits, int dtype,
+                   int num_threads);
 // Flash-decoding over a hierarchical cache layer (precision 8/4) or a dense one (16: k_buf/
 // v_buf are [B, Hkv, ring = T, D], quantized pointers unused). q, out: [B, Hq, n, D];
-// k_u..v_l: [B, Hkv, quant_tokens, D/2] uint8; k_min/k_scale [B, Hkv, quant_tokens/G, D];
+// k_u, k_l: [B, Hkv, quant_tokens/G, D, G/2] uint8 (channel-major per group, token pairs
+// per byte); v_u, v_l: [B, Hkv, quant_tokens, D/2]; k_min/k_scale [B, Hkv, quant_tokens/G, D];
 // v_min/v_scale [B, Hkv, quant_tokens, D/value_group]; k_buf/v_buf [B, Hkv, ring, D];
 // n_quant, lengths: [B] int32 (lengths include the n new tokens).
 void flash_decode(ptr q, ptr k_u, ptr k_l, ptr k_min, ptr k_scale, ptr v_u, ptr v_l,
@@ -69,4 +76,34 @@ void flash_decode(ptr q, ptr k_u, ptr k_l, ptr k_min, ptr k_scale, ptr v_u, ptr 
                   std::int64_t n_new, std::int64_t head_dim, std::int64_t quant_tokens,
                   std::int64_t ring, std::int64_t group, std::int64_t value_group,
                   int precision, double scale, int dtype, int num_threads);
+// MoE permutation (moe_permute.cpp). A slot s = t * top_k + k; expert_ids: [slots] int64;
+// offsets: [E+1] int64 (written); row_map: [slots] int64, slot -> expert-sorted row (written).
+void moe_sort(ptr expert_ids, ptr offsets, ptr row_map, std::int64_t slots,
+              std::int64_t num_experts, int num_threads);
+// dst[row_map[t*top_k+k]] = src[t] (* scale[s] rounded to the dtype when scale is not null).
+// src: [tokens, cols] with row stride; scale: [rows] float32 or null; dst: [rows, cols].
+void moe_permute(ptr src, std::int64_t src_stride, ptr row_map, ptr scale, ptr dst,
+                 std::int64_t tokens, std::int64_t top_k, std::int64_t rows, std::int64_t cols,
+                 int dtype, int num_threads);
+// dst[t] = sum_k src[row_map[s]] * weights[s] (weights [tokens*top_k] float32, null = 1).
+void moe_unpermute(ptr src, ptr row_map, ptr weights, ptr dst, std::int64_t tokens,
+                   std::int64_t top_k, std::int64_t rows, std::int64_t cols, int dtype,
+                   int num_threads);
+// d_src[row_map[s]] = dy[t] * weights[s]; d_weights[s] = <dy[t], src[row_map[s]]> (float32).
+void moe_unpermute_backward(ptr dy, ptr src, ptr row_map, ptr weights, ptr d_src,
+                            ptr d_weights, std::int64_t tokens, std::int64_t top_k,
+                            std::int64_t rows, std::int64_t cols, int dtype, int num_threads);
+// Grouped GEMM, bfloat16 "NT" (grouped_gemm.cpp): c[rows of g] = a[rows of g] @ b[g]^T;
+// a [m, k], b [groups, n, k], c [m, n] row-major; offsets [groups+1] int64 (host memory).
+// Rows outside every group are not written. Needs AVX512-BF16 (see ..._available()).
+bool grouped_gemm_nt_bf16_available();
+void grouped_gemm_nt_bf16(ptr a, ptr b, ptr offsets, ptr c, std::int64_t m, std::int64_t n,
+                          std::int64_t k, std::int64_t groups, int num_threads);
+// NN form: c[rows of g] = a[rows of g] @ b[g], b [groups, k, n].
+void grouped_gemm_nn_bf16(ptr a, ptr b, ptr offsets, ptr c, std::int64_t m, std::int64_t n,
+                          std::int64_t k, std::int64_t groups, int num_threads);
+// Skinny bfloat16 linear (linear.cpp): y[m, n] = x[m, k] @ w[n, k]^T, 1 <= m <= 16, all
+// contiguous row-major bf16; AVX512-BF16 when built with it, else a portable float loop.
+void linear_bf16(ptr x, ptr w, ptr y, std::int64_t m, std::int64_t n, std::int64_t k,
+                 int num_threads);
 }  // namespace qwen3_fast::cpu

@@ -23,6 +23,17 @@ from qwen3_fast.ops.attention import attention
 from qwen3_fast.ops.rope import qk_norm_rope
 
 
+def project(module: nn.Module, x: Tensor) -> Tensor:
+    """``module(x)`` for a projection, through ops.linear (the skinny bf16 CPU decode kernel)
+    when the module is a plain bias-free nn.Linear without hooks; anything else (a bias,
+    a subclass or wrapper such as LoRA, hooks) runs the module itself, and so does a
+    weight of another dtype than x (autocast: custom ops are not autocast, nn.Linear is)."""
+    if (type(module) is nn.Linear and module.bias is None and not module._forward_hooks
+            and not module._forward_pre_hooks and module.weight.dtype == x.dtype):
+        return ops.linear(x, module.weight)
+    return module(x)
+
+
 class Qwen3Attention(nn.Module):
     def __init__(self, config: Qwen3Config, layer_idx: int):
         super().__init__()
@@ -41,13 +52,14 @@ class Qwen3Attention(nn.Module):
         self.k_norm = ops.RMSNorm(d, eps=config.rms_norm_eps)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor,
-                attention_mask: Optional[Tensor], cache=None, precision: int = 16) -> Tensor:
+                attention_mask: Optional[Tensor], cache=None, precision: int = 16,
+                document_ids: Optional[Tensor] = None) -> Tensor:
         # x: [B, S, H]; cos/sin: [P, D] fp32; positions: [B, S]; attention_mask: [B, S] or None
         # cache: a qwen3_fast.cache cache whose begin_step already reserved this step's tokens
         b, s, _ = x.shape
-        q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim)  # [B, S, Hq, D]
-        k = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim)  # [B, S, Hkv, D]
-        v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim)
+        q = project(self.q_proj, x).view(b, s, self.num_heads, self.head_dim)  # [B, S, Hq, D]
+        k = project(self.k_proj, x).view(b, s, self.num_kv_heads, self.head_dim)  # [B, S, Hkv, D]
+        v = project(self.v_proj, x).view(b, s, self.num_kv_heads, self.head_dim)
         q, k = qk_norm_rope(q, k, self.q_norm.weight, self.k_norm.weight, cos, sin, positions,
                             self.eps)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, S, D]
@@ -55,13 +67,14 @@ class Qwen3Attention(nn.Module):
             cache.write(self.layer_idx, k, v)
         if cache is None or cache.is_empty_before_step():
             # prefill: SDPA over this step's keys (causal, GQA, padding mask)
+            # document_ids [B, S] (packed training rows): attention stays in each document
             o = attention(q, k, v, causal=True, attention_mask=attention_mask,
-                          scale=self.scaling)  # [B, Hq, S, D]
+                          scale=self.scaling, document_ids=document_ids)  # [B, Hq, S, D]
         else:
             # decode (S = 1) or verify / chunked prefill (S > 1, causal among the new tokens)
             o = ops.flash_decode(q.contiguous(), cache, self.layer_idx, precision,
                                  scale=self.scaling)
-        return self.o_proj(o.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim))
+        return project(self.o_proj, o.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim))
 
 
 class Qwen3MLP(nn.Module):
@@ -73,10 +86,24 @@ class Qwen3MLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, inter, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, inter, bias=False)
         self.down_proj = nn.Linear(inter, config.hidden_size, bias=False)
+        # int4 copies for the speculative draft (model/quant.py: attach_draft_weights), used
+        # inside `with draft_weights(model):` only
+        self.draft_gate_up: Optional[nn.Module] = None
+        self.draft_down: Optional[nn.Module] = None
+        self.use_draft = False
 
     def forward(self, x: Tensor) -> Tensor:
-        gate_up = torch.cat((self.gate_proj(x), self.up_proj(x)), dim=-1)  # [..., 2I]
-        return self.down_proj(ops.silu_and_mul(gate_up))
+        if self.use_draft:
+            return self.draft_down(ops.silu_and_mul(self.draft_gate_up(x)))
+        gate_up = torch.cat((project(self.gate_proj, x), project(self.up_proj, x)),
+                            dim=-1)  # [..., 2I]
+        return project(self.down_proj, ops.silu_and_mul(gate_up))
+
+
+def _like(x: Tensor, residual: Tensor) -> Tensor:
+    """Under autocast a sublayer returns bf16 while the residual stream stays fp32 (the
+    embeddings' dtype); HF's ``residual + x`` promotes to fp32, so do the same."""
+    return x if x.dtype == residual.dtype else x.to(residual.dtype)
 
 
 class Qwen3DecoderLayer(nn.Module):
@@ -91,7 +118,8 @@ class Qwen3DecoderLayer(nn.Module):
 
     def forward(self, x: Tensor, residual: Optional[Tensor], cos: Tensor, sin: Tensor,
                 positions: Tensor, attention_mask: Optional[Tensor], cache=None,
-                precision: int = 16) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+                precision: int = 16, document_ids: Optional[Tensor] = None
+                ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
         """x: previous sublayer output [B, S, H] (the embeddings when residual is None).
 
         Returns (mlp output, residual stream, router logits [B*S, E] or None).
@@ -101,9 +129,12 @@ class Qwen3DecoderLayer(nn.Module):
             residual = x
             h = ops.rms_norm(x, self.input_layernorm.weight, eps)
         else:
-            h, residual = ops.add_rms_norm(x, residual, self.input_layernorm.weight, eps)
-        h = self.self_attn(h, cos, sin, positions, attention_mask, cache, precision)
-        h, residual = ops.add_rms_norm(h, residual, self.post_attention_layernorm.weight,
+            h, residual = ops.add_rms_norm(_like(x, residual), residual,
+                                           self.input_layernorm.weight, eps)
+        h = self.self_attn(h, cos, sin, positions, attention_mask, cache, precision,
+                           document_ids)
+        h, residual = ops.add_rms_norm(_like(h, residual), residual,
+                                       self.post_attention_layernorm.weight,
                                        self.post_attention_layernorm.variance_epsilon)
         router_logits = None
         if self.is_sparse:

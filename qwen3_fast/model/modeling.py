@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from qwen3_fast import ops
 from qwen3_fast.model.config import Qwen3Config
-from qwen3_fast.model.layers import Qwen3DecoderLayer
+from qwen3_fast.model.layers import Qwen3DecoderLayer, project
 from qwen3_fast.model.moe import Qwen3MoeExperts
 from qwen3_fast.ops.moe import load_balancing_loss
 from qwen3_fast.ops.rope import rope_cache
@@ -47,7 +47,7 @@ IGNORE_INDEX = -100
 
 @dataclass
 class CausalLMOutput:
-    logits: Tensor  # [B, S, V] (or the last logits_to_keep positions)
+    logits: Optional[Tensor]  # [B, S, V] (or the last logits_to_keep); None: return_logits=False
     loss: Optional[Tensor] = None
     aux_loss: Optional[Tensor] = None  # MoE: HF load-balancing loss (unscaled)
     router_logits: Optional[tuple] = None  # MoE: one [B*S, E] per sparse layer
@@ -78,9 +78,13 @@ class Qwen3Model(nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
                 position_ids: Optional[Tensor] = None, cache=None,
-                precision: Optional[int] = None) -> tuple[Tensor, list]:
+                precision: Optional[int] = None,
+                document_ids: Optional[Tensor] = None) -> tuple[Tensor, list]:
         # input_ids: [B, S] -> (hidden [B, S, H], router logits per sparse layer)
+        # document_ids: [B, S] packed-document index per token (training; no cache)
         b, s = input_ids.shape
+        if document_ids is not None and cache is not None:
+            raise ValueError("document_ids (packed documents) cannot be used with a cache")
         if cache is not None:
             attention_mask, position_ids, precision = self._begin_cache_step(
                 cache, input_ids, attention_mask, position_ids, precision)
@@ -102,11 +106,13 @@ class Qwen3Model(nn.Module):
         router_logits = []
         for layer in self.layers:
             x, residual, logits = layer(x, residual, cos, sin, positions, attention_mask,
-                                        cache, precision)
+                                        cache, precision, document_ids)
             if logits is not None:
                 router_logits.append(logits)
         if residual is None:  # no layers
             return ops.rms_norm(x, self.norm.weight, self.norm.variance_epsilon), router_logits
+        if x.dtype != residual.dtype:  # autocast: promote like HF's residual add (layers._like)
+            x = x.to(residual.dtype)
         x, _ = ops.add_rms_norm(x, residual, self.norm.weight, self.norm.variance_epsilon)
         return x, router_logits
 
@@ -198,8 +204,9 @@ class Qwen3ForCausalLM(nn.Module):
 
     # ------------------------------------------------------------------ caches
     def new_cache(self, batch_size: int, max_length: int, kind: str = "dense",
-                  group_size: int = 128):
-        """A preallocated KV cache for this model: kind "dense" or "hierarchical"."""
+                  group_size: int = 128, max_speculative_tokens: int = 16):
+        """A preallocated KV cache for this model: kind "dense" or "hierarchical"
+        (max_speculative_tokens: how far a hierarchical cache can roll back, >= gamma)."""
         from qwen3_fast.cache import DenseKVCache, HierarchicalKVCache
 
         cfg = self.config
@@ -208,7 +215,8 @@ class Qwen3ForCausalLM(nn.Module):
         if kind == "dense":
             return DenseKVCache(*args)
         if kind == "hierarchical":
-            return HierarchicalKVCache(*args, group_size=group_size)
+            return HierarchicalKVCache(*args, group_size=group_size,
+                                       max_speculative_tokens=max_speculative_tokens)
         raise ValueError(f"kind must be 'dense' or 'hierarchical', got {kind!r}")
 
     # ------------------------------------------------------------------ forward
@@ -216,12 +224,21 @@ class Qwen3ForCausalLM(nn.Module):
                 position_ids: Optional[Tensor] = None, labels: Optional[Tensor] = None,
                 output_router_logits: Optional[bool] = None,
                 logits_to_keep: int = 0, cache=None,
-                precision: Optional[int] = None) -> CausalLMOutput:
+                precision: Optional[int] = None, return_logits: bool = True,
+                loss_reduction: str = "mean",
+                document_ids: Optional[Tensor] = None) -> CausalLMOutput:
         """input_ids [B, S]; attention_mask [B, S] keep-mask (1 = token, 0 = padding);
         position_ids [B, S] or [1, S] (default 0..S-1, as HF); labels [B, S] with -100 ignored
         (shifted inside, mean over kept tokens); logits_to_keep: 0 = all, n = last n.
         cache: a DenseKVCache / HierarchicalKVCache (see the module docstring); precision:
-        16 (dense), 8 or 4 (hierarchical; default 8)."""
+        16 (dense), 8 or 4 (hierarchical; default 8).
+        return_logits=False: no logits; the loss then comes from ops.linear_cross_entropy
+        (fused LM head + CE, no [T, V] tensor). loss_reduction: "mean" (HF) or "sum" (the CE
+        sum over kept labels, without the MoE aux term, for callers that normalize over a
+        global batch; always fused). document_ids [B, S]: packed documents (attention stays
+        within a document; pass position_ids restarting at 0 per document)."""
+        if loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
         if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
             raise ValueError("input_ids must be an integer tensor [B, S], got "
                              f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
@@ -239,18 +256,22 @@ class Qwen3ForCausalLM(nn.Module):
             output_router_logits = self.config.output_router_logits
 
         hidden, router_logits = self.model(input_ids, attention_mask, position_ids, cache,
-                                           precision)
+                                           precision, document_ids)
         kept = hidden if logits_to_keep == 0 else hidden[:, -logits_to_keep:]
-        logits = self.lm_head(kept)  # [B, S, V]
+        logits = project(self.lm_head, kept) if return_logits else None  # [B, S, V]
 
         loss = None
-        if labels is not None:
+        if labels is not None and logits is not None and loss_reduction == "mean":
             loss = causal_lm_loss(logits, labels)
+        elif labels is not None:  # fused LM head + CE: [B, S, V] logits never exist
+            shift_labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+            loss = ops.linear_cross_entropy(hidden, self.lm_head.weight, shift_labels,
+                                            ignore_index=IGNORE_INDEX, reduction=loss_reduction)
         aux_loss = None
         if output_router_logits and self.config.is_moe and router_logits:
             aux_loss = load_balancing_loss(router_logits, self.config.num_experts,
                                            self.config.num_experts_per_tok, attention_mask)
-            if loss is not None:
+            if loss is not None and loss_reduction == "mean":
                 loss = loss + self.config.router_aux_loss_coef * aux_loss.to(loss.device)
         return CausalLMOutput(logits=logits, loss=loss, aux_loss=aux_loss,
                               router_logits=tuple(router_logits) if output_router_logits
@@ -271,6 +292,20 @@ class Qwen3ForCausalLM(nn.Module):
         from qwen3_fast.model.checkpoint import save_pretrained
 
         save_pretrained(self, path, max_shard_size=max_shard_size)
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
+                 max_new_tokens: int = 20, **kwargs) -> Tensor:
+        """transformers-style ``generate``: [B, S] (left-padded) ids -> [B, S + n] ids.
+
+        Arguments and padding as transformers (do_sample, temperature, top_p, top_k, min_p,
+        repetition_penalty, eos_token_id, pad_token_id; plus seed, kv_cache); see
+        qwen3_fast/generate/hf_generate.py."""
+        # Imported here: the engine layer sits above model/ (DESIGN.md "Layers"), so model/
+        # must not import it at module level; this method only forwards to it.
+        from qwen3_fast.generate.hf_generate import hf_generate
+
+        return hf_generate(self, input_ids, attention_mask, max_new_tokens, **kwargs)
 
 
 def causal_lm_loss(logits: Tensor, labels: Tensor) -> Tensor:

@@ -11,18 +11,28 @@ from qwen3_fast.ops.add_rms_norm import add_rms_norm
 from qwen3_fast.ops.attention import attention
 from qwen3_fast.ops.flash_decode import flash_decode
 from qwen3_fast.ops.kv_quantize import kv_dequantize, kv_quantize
-from qwen3_fast.ops.moe import load_balancing_loss, moe_experts, moe_route
+from qwen3_fast.ops.linear import linear
+from qwen3_fast.ops.linear_cross_entropy import linear_cross_entropy
+from qwen3_fast.ops.grouped_gemm import grouped_gemm
+from qwen3_fast.ops.moe import (expert_selection_counts, global_expert_frequencies,
+                                global_load_balancing_loss, load_balancing_loss, moe_experts,
+                                moe_route)
+from qwen3_fast.ops.moe_permute import moe_permute, moe_unpermute
 from qwen3_fast.ops.rms_norm import RMSNorm, rms_norm
 from qwen3_fast.ops.qk_norm_rope import qk_norm_rope, qk_norm_rope_
 from qwen3_fast.ops.rope import rope_cache
 from qwen3_fast.ops.silu_and_mul import silu_and_mul
 
-# Ops with compiled kernels and a backend choice. rope_cache, attention and the MoE ops are
+# Ops with compiled kernels and a backend choice ("moe" is the fused moe_experts block,
+# "moe_permute" covers moe_permute/moe_unpermute). rope_cache and attention are
 # reference-backed (plain torch) until their kernel issues land.
 OPS = ("rms_norm", "add_rms_norm", "silu_and_mul", "qk_norm_rope", "kv_quantize",
-       "flash_decode")
+       "flash_decode", "moe", "moe_permute", "grouped_gemm")
 
 __all__ = ["BACKENDS", "OPS", "RMSNorm", "add_rms_norm", "attention", "flash_decode",
            "get_backend", "kv_dequantize", "kv_quantize",
+           "linear", "linear_cross_entropy",
+           "expert_selection_counts", "global_expert_frequencies", "global_load_balancing_loss",
+           "grouped_gemm", "moe_permute", "moe_unpermute",
            "load_balancing_loss", "moe_experts", "moe_route", "qk_norm_rope", "qk_norm_rope_",
            "reference", "rms_norm", "rope_cache", "set_backend", "silu_and_mul", "use_backend"]

@@ -33,6 +33,9 @@ GPU_VERIFIED: dict[str, tuple[str, ...]] = {
     "qk_norm_rope": (),
     "kv_quantize": (),
     "flash_decode": (),
+    "moe": (),
+    "moe_permute": (),
+    "grouped_gemm": (),
 }
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

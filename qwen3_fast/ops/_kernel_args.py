@@ -5,6 +5,8 @@ integers, sizes, strides, dtype codes, and the CPU thread count or the CUDA stre
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from qwen3_fast import _ext
@@ -21,11 +23,32 @@ def ptr(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
 
+# Upper bound on the OpenMP threads a CPU kernel gets (None: torch's thread count). The
+# engine lowers it to 1 around decode steps of small batches: there a kernel works on a few
+# rows, and a thread team costs more than the work (on a busy machine a team member that
+# is not scheduled stalls the barrier for a time slice, ~ms). See cpu_thread_cap().
+_cpu_thread_cap: int | None = None
+
+
+@contextlib.contextmanager
+def cpu_thread_cap(n: int | None):
+    """Run the CPU kernels launched inside with at most `n` threads (None: no cap)."""
+    global _cpu_thread_cap
+    before, _cpu_thread_cap = _cpu_thread_cap, n
+    try:
+        yield
+    finally:
+        _cpu_thread_cap = before
+
+
 def launch(backend: str, name: str, device: torch.device, *args) -> None:
     """Call `<name>_<backend>` with the thread count (cpu) or current stream (cuda)."""
     C = _ext.extension()
     if backend == "cpu":
-        getattr(C, f"{name}_cpu")(*args, torch.get_num_threads())
+        threads = torch.get_num_threads()
+        if _cpu_thread_cap is not None:
+            threads = min(threads, _cpu_thread_cap)
+        getattr(C, f"{name}_cpu")(*args, threads)
     elif backend == "cuda":
         with torch.cuda.device(device):
             stream = torch.cuda.current_stream(device).cuda_stream

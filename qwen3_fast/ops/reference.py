@@ -222,7 +222,8 @@ def kv_quantize(x: torch.Tensor, kind: str, group_size: int
     """QuantSpec quantization of keys or values (x in the model dtype).
 
     kind "key":   x [..., T, D], T % G == 0: per channel over groups of G tokens ->
-                  U, L [..., T, D/2] uint8; min, scale [..., T/G, D]
+                  U, L [..., T/G, D, G/2] uint8 (channel-major inside a group, nibbles
+                  packed along tokens: token 2j low, 2j+1 high); min, scale [..., T/G, D]
     kind "value": x [..., D], D % G == 0: per token over groups of G along D ->
                   U, L [..., D/2] uint8; min, scale [..., D/G]
     """
@@ -230,7 +231,7 @@ def kv_quantize(x: torch.Tensor, kind: str, group_size: int
         *lead, t, d = x.shape
         g = x.reshape(*lead, t // group_size, group_size, d)
         mn, s = kv_group_stats(g, -2, x.dtype)  # [..., T/G, 1, D]
-        c = kv_codes(g, mn, s).reshape(*lead, t, d)
+        c = kv_codes(g, mn, s).transpose(-1, -2).contiguous()  # [..., T/G, D, G]
         mn, s = mn.squeeze(-2), s.squeeze(-2)
     else:
         *lead, d = x.shape
@@ -245,36 +246,143 @@ def kv_quantize(x: torch.Tensor, kind: str, group_size: int
 
 def kv_dequantize(u: torch.Tensor, lo: torch.Tensor | None, mn: torch.Tensor, s: torch.Tensor,
                   kind: str, group_size: int, bits: int = 8) -> torch.Tensor:
-    """Inverse of :func:`kv_quantize` in float32: bits 8 reads U and L, bits 4 only U."""
+    """Inverse of :func:`kv_quantize` in float32: bits 8 reads U and L, bits 4 only U.
+    Keys: U, L [..., T/G, D, G/2] -> [..., T, D]; values: U, L [..., D/2] -> [..., D]."""
     uc = kv_unpack_nibbles(u)
     c = 16 * uc if bits == 4 else 16 * uc + kv_unpack_nibbles(lo) - 8
     step = s.to(torch.float32) * 0.0625
     mnf = mn.to(torch.float32)
-    if kind == "key":
-        *lead, t, d = c.shape
-        cg = c.reshape(*lead, t // group_size, group_size, d).to(torch.float32)
-        return (cg * step.unsqueeze(-2) + mnf.unsqueeze(-2)).reshape(*lead, t, d)
+    if kind == "key":  # c [..., T/G, D, G]
+        *lead, ng, d, g = c.shape
+        cg = c.transpose(-1, -2).to(torch.float32)  # [..., T/G, G, D]
+        return (cg * step.unsqueeze(-2) + mnf.unsqueeze(-2)).reshape(*lead, ng * g, d)
     *lead, d = c.shape
     cg = c.reshape(*lead, d // group_size, group_size).to(torch.float32)
     return (cg * step.unsqueeze(-1) + mnf.unsqueeze(-1)).reshape(*lead, d)
 
 
+def kv_row_quant_lengths(lengths: torch.Tensor, n_quant: torch.Tensor, n: int,
+                         group_size: int, ring: int) -> torch.Tensor:
+    """Per query row, the quantized prefix it reads in a hierarchical cache: [B, n] int64.
+
+    Row i of sequence b sits at p = lengths[b] - n + i and reads codes for [0, nq_i), the
+    full-precision ring for [nq_i, p]: nq_i = min(n_quant[b], max(quantized_length(p + 1, G),
+    the ring's oldest whole group G * ceil((lengths[b] - ring) / G))). With the cache's
+    n_quant = quantized_length(length), row n - 1 reads n_quant (n = 1: plain decoding) and
+    every row reads what decoding one token at a time reached it with: that needs
+    n <= S + 1 (ring = 2G + S); for longer steps the ring bound lifts the early rows' prefix
+    to the groups whose full-precision values are still in the ring (module docstring of
+    qwen3_fast/cache/hierarchical.py). csrc/include/qwen3_fast/kv_quant_math.h has the same
+    function for the C++/CUDA kernels."""
+    g = group_size
+    length = lengths.to(torch.int64).view(-1, 1)
+    p = length - n + torch.arange(n, device=lengths.device).view(1, n)
+    policy = g * torch.clamp(torch.div(p - g, g, rounding_mode="floor"), min=0)
+    floor = g * torch.div(torch.clamp(length - ring, min=0) + g - 1, g, rounding_mode="floor")
+    return torch.minimum(n_quant.to(torch.int64).view(-1, 1), torch.maximum(policy, floor))
+
+
 def flash_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor,
-                 scale: float) -> torch.Tensor:
+                 scale: float, k_full: torch.Tensor | None = None,
+                 v_full: torch.Tensor | None = None,
+                 row_quant: torch.Tensor | None = None) -> torch.Tensor:
     """Decode attention over a cache, fp32 math: q [B, Hq, n, D] are the newest n tokens of
     each sequence (already in the cache), k/v [B, Hkv, T, D] (any float dtype, the logical
     token order), lengths [B] valid tokens. Query i of sequence b sits at position
-    lengths[b] - n + i and reads keys 0..that position. -> [B, Hq, n, D] in q's dtype."""
+    lengths[b] - n + i and reads keys 0..that position. -> [B, Hq, n, D] in q's dtype.
+
+    Hierarchical caches (verify variant): with k_full, v_full [B, Hkv, T, D] (the
+    full-precision view) and row_quant [B, n] (:func:`kv_row_quant_lengths`), query i reads
+    k, v (the dequantized codes) at t < row_quant[b, i] and k_full, v_full from there on."""
     b, hq, n, d = q.shape
     hkv, t = k.shape[1], k.shape[2]
     groups = hq // hkv
     qf = q.to(torch.float32).reshape(b, hkv, groups * n, d)
     kf, vf = k.to(torch.float32), v.to(torch.float32)
     scores = torch.einsum("bhrd,bhtd->bhrt", qf, kf) * scale  # [B, Hkv, G*n, T]
+    tok = torch.arange(t, device=q.device).view(1, 1, t)
     pos = lengths.to(torch.int64).view(b, 1) - n + torch.arange(n, device=q.device).view(1, n)
-    allowed = torch.arange(t, device=q.device).view(1, 1, t) <= pos.view(b, n, 1)  # [B, n, T]
+    allowed = tok <= pos.view(b, n, 1)  # [B, n, T]
     allowed = allowed.unsqueeze(1).expand(b, groups, n, t).reshape(b, 1, groups * n, t)
+    use_q = None
+    if row_quant is not None:
+        use_q = (tok < row_quant.to(q.device).view(b, n, 1)).unsqueeze(1)
+        use_q = use_q.expand(b, groups, n, t).reshape(b, 1, groups * n, t)
+        full = torch.einsum("bhrd,bhtd->bhrt", qf, k_full.to(torch.float32)) * scale
+        scores = torch.where(use_q, scores, full)
     scores = scores.masked_fill(~allowed, float("-inf"))
     p = torch.softmax(scores, dim=-1)
-    o = torch.einsum("bhrt,bhtd->bhrd", p, vf)
+    if use_q is None:
+        o = torch.einsum("bhrt,bhtd->bhrd", p, vf)
+    else:
+        o = (torch.einsum("bhrt,bhtd->bhrd", p * use_q, vf)
+             + torch.einsum("bhrt,bhtd->bhrd", p * ~use_q, v_full.to(torch.float32)))
     return o.reshape(b, hq, n, d).to(q.dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# Fused LM head + cross-entropy (issue 9). T tokens, H hidden, V vocab.
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                         ignore_index: int = -100, reduction: str = "mean") -> torch.Tensor:
+    """The unfused oracle: logits = hidden @ weight.T in the input dtype (HF's lm_head),
+    then fp32 cross-entropy. hidden [T, H], weight [V, H], labels [T] -> scalar fp32."""
+    logits = hidden @ weight.t()  # [T, V]
+    return F.cross_entropy(logits.float(), labels, ignore_index=ignore_index,
+                           reduction=reduction)
+
+
+# ---------------------------------------------------------------------------------------
+# MoE permutation and grouped GEMM (issue 5). A slot s = t * K + k is token t's k-th expert
+# choice; row_map[s] is its row in the expert-sorted buffer; offsets [E+1] bound each
+# expert's rows.
+
+
+def moe_permute(x: torch.Tensor, expert_ids: torch.Tensor,
+                num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [T, H], expert_ids [T, K] -> (x_sorted [T*K, H], offsets [E+1] int64,
+    row_map [T*K] int64), rows grouped by expert, token order within an expert."""
+    top_k = expert_ids.shape[1]
+    flat = expert_ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)  # sorted row -> slot
+    row_map = torch.empty_like(order)
+    row_map[order] = torch.arange(order.numel(), device=order.device)
+    counts = torch.bincount(flat, minlength=num_experts)
+    offsets = torch.zeros(num_experts + 1, dtype=torch.int64, device=x.device)
+    offsets[1:] = torch.cumsum(counts, 0)
+    return x[order // top_k], offsets, row_map
+
+
+def moe_unpermute(y_sorted: torch.Tensor, row_map: torch.Tensor,
+                  weights: torch.Tensor) -> torch.Tensor:
+    """Weighted combine: y[t] = sum_k y_sorted[row_map[t*K+k]] * weights[t, k], each product
+    rounded to y's dtype as HF does (weights cast to that dtype first), summed in fp32.
+    y_sorted [T*K, H], row_map [T*K], weights [T, K] -> y [T, H]."""
+    rows = y_sorted[row_map]  # [T*K, H]
+    t, k = weights.shape
+    prod = rows.view(t, k, rows.shape[1]) * weights.to(y_sorted.dtype).unsqueeze(-1)
+    acc = torch.float64 if y_sorted.dtype == torch.float64 else torch.float32
+    return prod.to(acc).sum(1).to(y_sorted.dtype)
+
+
+def grouped_gemm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor,
+                 trans_b: bool = False) -> torch.Tensor:
+    """c[offsets[e]:offsets[e+1]] = a[offsets[e]:offsets[e+1]] @ (b[e].T if trans_b else b[e]).
+    a [M, K], b [E, K, N] ([E, N, K] when trans_b), offsets [E+1] -> c [M, N] (rows outside
+    every group are zero)."""
+    n = b.shape[1] if trans_b else b.shape[2]
+    c = a.new_zeros((a.shape[0], n))
+    bounds = offsets.tolist()
+    for e in range(b.shape[0]):
+        lo, hi = bounds[e], bounds[e + 1]
+        if hi > lo:
+            c[lo:hi] = a[lo:hi] @ (b[e].t() if trans_b else b[e])
+    return c
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [..., K] @ weight[N, K]^T -> [..., N] in x's dtype, computed in float32 (float64 for
+    float64 inputs) and rounded once."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return (x.to(acc) @ weight.to(acc).t()).to(x.dtype)
