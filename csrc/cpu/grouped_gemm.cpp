@@ -19,8 +19,7 @@
 #include "kernels.h"
 
 #if defined(__AVX512BF16__)
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#include <immintrin.h>
+#include "bf16_dot_tile.h"  // the NT micro-tiles, shared with linear.cpp
 #endif
 
 namespace qwen3_fast::cpu {
@@ -36,48 +35,10 @@ bool grouped_gemm_nt_bf16_available() {
 #if defined(__AVX512BF16__)
 namespace {
 
-constexpr int kNR = 4;        // weight rows per micro-tile
-constexpr int kMR = 4;        // activation rows per micro-tile
+using bf16_tile::kMR;
+using bf16_tile::kNR;
+using bf16_tile::tile_all_rows;
 constexpr std::int64_t kNBlock = 64;  // weight rows per parallel work item
-
-inline __m512bh load_bh(const bf16* p, __mmask32 mask) {
-  return reinterpret_cast<__m512bh>(_mm512_maskz_loadu_epi16(mask, p));
-}
-
-// c[MR x NR] tile: rows a[0..MR) (stride k), weight rows w[0..nr) (stride k), nr <= kNR.
-template <int MR>
-void micro_tile(const bf16* a, const bf16* w, int nr, std::int64_t k, bf16* c,
-                std::int64_t ldc) {
-  __m512 acc[MR][kNR];
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < kNR; ++j) acc[i][j] = _mm512_setzero_ps();
-  const bf16* wr[kNR];
-  for (int j = 0; j < kNR; ++j) wr[j] = w + std::min(j, nr - 1) * k;  // repeat the last row
-  for (std::int64_t k0 = 0; k0 < k; k0 += 32) {
-    const std::int64_t left = k - k0;
-    const __mmask32 mask = left >= 32 ? ~__mmask32{0} : static_cast<__mmask32>((1u << left) - 1u);
-    __m512bh bv[kNR];
-    for (int j = 0; j < kNR; ++j) bv[j] = load_bh(wr[j] + k0, mask);
-    for (int i = 0; i < MR; ++i) {
-      const __m512bh av = load_bh(a + i * k + k0, mask);
-      for (int j = 0; j < kNR; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], av, bv[j]);
-    }
-  }
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < nr; ++j) c[i * ldc + j] = from_float<bf16>(_mm512_reduce_add_ps(acc[i][j]));
-}
-
-void tile_rows(const bf16* a, const bf16* w, int nr, std::int64_t rows, std::int64_t k, bf16* c,
-               std::int64_t ldc) {
-  std::int64_t r = 0;
-  for (; r + kMR <= rows; r += kMR) micro_tile<kMR>(a + r * k, w, nr, k, c + r * ldc, ldc);
-  switch (rows - r) {
-    case 3: micro_tile<3>(a + r * k, w, nr, k, c + r * ldc, ldc); break;
-    case 2: micro_tile<2>(a + r * k, w, nr, k, c + r * ldc, ldc); break;
-    case 1: micro_tile<1>(a + r * k, w, nr, k, c + r * ldc, ldc); break;
-    default: break;
-  }
-}
 
 // NN form: c[MR x 64] tile = a rows [MR, k] @ b panel [k, 64 columns] (row stride ldb),
 // float32 FMA with a broadcast of a[i][kk] against 16 converted b columns at a time.
@@ -127,12 +88,9 @@ void tile_rows_nn(const bf16* a, std::int64_t rows, std::int64_t k, const bf16* 
   }
 }
 
-}  // namespace
-#endif
-
-void grouped_gemm_nn_bf16(ptr a, ptr b, ptr offsets_ptr, ptr c, std::int64_t m, std::int64_t n,
-                          std::int64_t k, std::int64_t groups, int num_threads) {
-#if defined(__AVX512BF16__)
+// The checks both forms share; returns the offsets [groups + 1].
+const std::int64_t* check_grouped_args(ptr a, ptr b, ptr offsets_ptr, ptr c, std::int64_t m,
+                                       std::int64_t n, std::int64_t k, std::int64_t groups) {
   check_arg(groups >= 1, "groups must be >= 1");
   check_ptr(offsets_ptr, "offsets");
   const auto* offsets = reinterpret_cast<const std::int64_t*>(offsets_ptr);
@@ -141,8 +99,18 @@ void grouped_gemm_nn_bf16(ptr a, ptr b, ptr offsets_ptr, ptr c, std::int64_t m, 
     check_arg(offsets[g] >= 0 && offsets[g] <= offsets[g + 1] && offsets[g + 1] <= m,
               "offsets must be non-decreasing within [0, m]");
   }
+  if (m > 0) { check_ptr(a, "a"); check_ptr(b, "b"); check_ptr(c, "c"); }
+  return offsets;
+}
+
+}  // namespace
+#endif
+
+void grouped_gemm_nn_bf16(ptr a, ptr b, ptr offsets_ptr, ptr c, std::int64_t m, std::int64_t n,
+                          std::int64_t k, std::int64_t groups, int num_threads) {
+#if defined(__AVX512BF16__)
+  const auto* offsets = check_grouped_args(a, b, offsets_ptr, c, m, n, k, groups);
   if (m == 0) return;
-  check_ptr(a, "a"); check_ptr(b, "b"); check_ptr(c, "c");
   const bf16* ap = reinterpret_cast<const bf16*>(a);
   const bf16* bp = reinterpret_cast<const bf16*>(b);
   bf16* cp = reinterpret_cast<bf16*>(c);
@@ -169,16 +137,8 @@ void grouped_gemm_nn_bf16(ptr a, ptr b, ptr offsets_ptr, ptr c, std::int64_t m, 
 void grouped_gemm_nt_bf16(ptr a, ptr b, ptr offsets_ptr, ptr c, std::int64_t m, std::int64_t n,
                           std::int64_t k, std::int64_t groups, int num_threads) {
 #if defined(__AVX512BF16__)
-  check_arg(groups >= 1, "groups must be >= 1");
-  check_ptr(offsets_ptr, "offsets");
-  const auto* offsets = reinterpret_cast<const std::int64_t*>(offsets_ptr);
-  check_arg(n > 0 && k > 0 && m >= 0, "grouped_gemm: bad sizes");
-  for (std::int64_t g = 0; g < groups; ++g) {
-    check_arg(offsets[g] >= 0 && offsets[g] <= offsets[g + 1] && offsets[g + 1] <= m,
-              "offsets must be non-decreasing within [0, m]");
-  }
+  const auto* offsets = check_grouped_args(a, b, offsets_ptr, c, m, n, k, groups);
   if (m == 0) return;
-  check_ptr(a, "a"); check_ptr(b, "b"); check_ptr(c, "c");
   const bf16* ap = reinterpret_cast<const bf16*>(a);
   const bf16* bp = reinterpret_cast<const bf16*>(b);
   bf16* cp = reinterpret_cast<bf16*>(c);
@@ -196,7 +156,7 @@ void grouped_gemm_nt_bf16(ptr a, ptr b, ptr offsets_ptr, ptr c, std::int64_t m, 
     const std::int64_t n_end = std::min(n, (nb + 1) * kNBlock);
     for (std::int64_t j0 = nb * kNBlock; j0 < n_end; j0 += kNR) {
       const int nr = static_cast<int>(std::min<std::int64_t>(kNR, n_end - j0));
-      tile_rows(ap + lo * k, bp + (g * n + j0) * k, nr, rows, k, cp + lo * n + j0, n);
+      tile_all_rows(ap + lo * k, rows, bp + (g * n + j0) * k, nr, k, cp + lo * n + j0, n);
     }
   }
 #else
