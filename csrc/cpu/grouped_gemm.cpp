@@ -103,6 +103,17 @@ const std::int64_t* check_grouped_args(ptr a, ptr b, ptr offsets_ptr, ptr c, std
   return offsets;
 }
 
+// Parallel work items g * nblocks + nb: every column/weight-row block nb of every group g
+// that has rows (empty experts cost nothing).
+std::vector<std::int64_t> work_items(const std::int64_t* offsets, std::int64_t groups,
+                                     std::int64_t nblocks) {
+  std::vector<std::int64_t> items;
+  for (std::int64_t g = 0; g < groups; ++g)
+    if (offsets[g + 1] > offsets[g])
+      for (std::int64_t nb = 0; nb < nblocks; ++nb) items.push_back(g * nblocks + nb);
+  return items;
+}
+
 }  // namespace
 #endif
 
@@ -115,11 +126,8 @@ void grouped_gemm_nn_bf16(ptr a, ptr b, ptr offsets_ptr, ptr c, std::int64_t m, 
   const bf16* bp = reinterpret_cast<const bf16*>(b);
   bf16* cp = reinterpret_cast<bf16*>(c);
   constexpr std::int64_t kCols = 64;
-  std::vector<std::int64_t> items;
   const std::int64_t nblocks = (n + kCols - 1) / kCols;
-  for (std::int64_t g = 0; g < groups; ++g)
-    if (offsets[g + 1] > offsets[g])
-      for (std::int64_t nb = 0; nb < nblocks; ++nb) items.push_back(g * nblocks + nb);
+  const std::vector<std::int64_t> items = work_items(offsets, groups, nblocks);
   const auto count = static_cast<std::int64_t>(items.size());
 #pragma omp parallel for num_threads(clamp_threads(num_threads)) schedule(dynamic, 1)
   for (std::int64_t it = 0; it < count; ++it) {
@@ -142,12 +150,8 @@ void grouped_gemm_nt_bf16(ptr a, ptr b, ptr offsets_ptr, ptr c, std::int64_t m, 
   const bf16* ap = reinterpret_cast<const bf16*>(a);
   const bf16* bp = reinterpret_cast<const bf16*>(b);
   bf16* cp = reinterpret_cast<bf16*>(c);
-  // work items: (group, block of kNBlock weight rows) for groups with rows
-  std::vector<std::int64_t> items;
   const std::int64_t nblocks = (n + kNBlock - 1) / kNBlock;
-  for (std::int64_t g = 0; g < groups; ++g)
-    if (offsets[g + 1] > offsets[g])
-      for (std::int64_t nb = 0; nb < nblocks; ++nb) items.push_back(g * nblocks + nb);
+  const std::vector<std::int64_t> items = work_items(offsets, groups, nblocks);
   const auto count = static_cast<std::int64_t>(items.size());
 #pragma omp parallel for num_threads(clamp_threads(num_threads)) schedule(dynamic, 1)
   for (std::int64_t it = 0; it < count; ++it) {
