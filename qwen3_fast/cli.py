@@ -6,8 +6,9 @@ Subcommands:
              at a Qwen3-8B layer shape; the full suite is ``pytest bench/ --benchmark-only``
   generate   one reply to --prompt (streams; --json for a JSON result)  [generate/cli.py]
   chat       interactive chat with /think and /no_think toggles           [generate/cli.py]
-  train      ``train pretrain --config FILE [key=value ...]``: pre-training S1/S2/S3
-             (= python -m qwen3_fast.train; torchrun for several ranks)   [train/]
+  train      ``train {pretrain,sft,grpo,distill} --config FILE [key=value ...]``: the
+             training recipes (= python -m qwen3_fast.train; torchrun for several ranks)
+                                                                          [train/recipes.py]
 """
 from __future__ import annotations
 
@@ -65,14 +66,13 @@ def main(argv: list[str] | None = None) -> int:
     from qwen3_fast.generate import cli as generate_cli  # generate / chat (argparse only)
 
     generate_cli.add_subcommands(sub)
-    p_train = sub.add_parser("train", help="training stages (pretrain: S1/S2/S3)")
+    from qwen3_fast.train.__main__ import add_arguments as add_train_arguments
+    from qwen3_fast.train.recipes import RECIPES
+
+    p_train = sub.add_parser("train", help="training stages: " + ", ".join(RECIPES))
     train_sub = p_train.add_subparsers(dest="train_command", required=True)
-    p_pre = train_sub.add_parser("pretrain", help="pre-training S1/S2/S3 from a YAML config")
-    p_pre.add_argument("--config", help="YAML config file (stage: s1 | s2 | s3)")
-    p_pre.add_argument("overrides", nargs="*", metavar="key=value",
-                       help="dotted-key overrides, e.g. optim.lr=3e-4 data.seq_len=2048")
-    p_pre.add_argument("--print-config", action="store_true",
-                       help="print the resolved config as YAML and exit")
+    for recipe, (_, helptext) in RECIPES.items():
+        add_train_arguments(train_sub.add_parser(recipe, help=helptext))
     args = parser.parse_args(argv)
     if args.command == "train":
         from qwen3_fast.train.__main__ import run as train_run

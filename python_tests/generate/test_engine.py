@@ -195,3 +195,27 @@ def test_windowed_host_sync_gives_the_same_results(llm):
         llm.sync_every = 1
     assert [(o.token_ids, o.text, o.finish_reason) for o in got] == \
         [(o.token_ids, o.text, o.finish_reason) for o in want]
+
+
+def test_from_model_uses_live_weights_and_leaves_them_alone(model_dir, llm):
+    """LLM.from_model (training rollouts) generates like LLM(dir), reads the CURRENT weights
+    (a changed model changes the output) and never touches the parameters or their grads."""
+    from qwen3_fast.model import Qwen3ForCausalLM
+
+    model = Qwen3ForCausalLM.from_pretrained(model_dir)
+    model.train()
+    live = LLM.from_model(model, llm.tokenizer, max_seq_len=160, max_batch_size=4)
+    sp = SamplingParams(max_new_tokens=10, **GREEDY)
+    assert [o.token_ids for o in live.generate(PROMPTS, sp)] == \
+        [o.token_ids for o in llm.generate(PROMPTS, sp)]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model.lm_head.weight.mul_(-1.0)
+    flipped = live.generate(PROMPTS[0], sp)[0].token_ids
+    assert flipped != llm.generate(PROMPTS[0], sp)[0].token_ids
+    assert all(p.grad is None for p in model.parameters())
+    assert torch.equal(model.lm_head.weight, -before["lm_head.weight"])
+    with pytest.raises(TypeError, match="model must be a Qwen3ForCausalLM"):
+        LLM.from_model(object(), llm.tokenizer)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        LLM.from_model(model, llm.tokenizer, max_seq_len=0)

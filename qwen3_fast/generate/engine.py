@@ -179,9 +179,44 @@ class LLM:
                                  "hierarchical cache: use kv_cache='int8'")
             group_size = speculative.group_size
         self.model_dir = model_dir
-        self.model = Qwen3ForCausalLM.from_pretrained(model_dir, dtype=dtype, device=device)
-        self.tokenizer = Qwen3Tokenizer.from_pretrained(model_dir)
-        self.generation_config = load_generation_config(model_dir)
+        self._setup(Qwen3ForCausalLM.from_pretrained(model_dir, dtype=dtype, device=device),
+                    Qwen3Tokenizer.from_pretrained(model_dir), load_generation_config(model_dir),
+                    kv_cache, max_batch_size, max_seq_len, group_size, speculative)
+
+    @classmethod
+    def from_model(cls, model, tokenizer, generation_config: Optional[dict] = None,
+                   kv_cache: str = "bf16", max_batch_size: int = 8, max_seq_len: int = 4096,
+                   group_size: int = 128) -> "LLM":
+        """An engine over a model already in memory (training rollouts: GRPO, on-policy
+        distillation). The engine reads the live weights, so it always generates with the
+        current policy; it runs under inference_mode and never changes them.
+
+        Parameters
+        ----------
+        model : a Qwen3ForCausalLM (any device and dtype; train or eval mode)
+        tokenizer : the model's Qwen3Tokenizer
+        generation_config : sampling defaults (the fields of generation_config.json)
+        """
+        from qwen3_fast.model import Qwen3ForCausalLM
+
+        if not isinstance(model, Qwen3ForCausalLM):
+            raise TypeError(f"model must be a Qwen3ForCausalLM, got {type(model).__name__}")
+        if kv_cache not in KV_CACHE_KINDS:
+            raise ValueError(f"kv_cache must be 'bf16' or 'int8', got {kv_cache!r}")
+        for name, v in (("max_batch_size", max_batch_size), ("max_seq_len", max_seq_len)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        self = cls.__new__(cls)
+        self.model_dir = None
+        self._setup(model, tokenizer, dict(generation_config or {}), kv_cache, max_batch_size,
+                    max_seq_len, group_size, None)
+        return self
+
+    def _setup(self, model, tokenizer, generation_config: dict, kv_cache: str,
+               max_batch_size: int, max_seq_len: int, group_size: int, speculative) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.generation_config = generation_config
         self.kv_cache, self.cache_kind = kv_cache, KV_CACHE_KINDS[kv_cache]
         self.max_batch_size = max_batch_size
         self.max_seq_len = min(max_seq_len, self.model.config.max_position_embeddings)

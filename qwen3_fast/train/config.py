@@ -48,6 +48,8 @@ class SourceConfig:
     kind: str = "auto"  # auto | jsonl | parquet | datasets
     weight: float = 1.0
     text_field: str = "text"
+    # chat sources (SFT): the record field holding the `messages` list; None = text source
+    messages_field: Optional[str] = None
     domain: str = "general"  # general | reasoning | code | math | stem (S2 checks the mix)
     name: Optional[str] = None  # datasets config name
     split: str = "train"
@@ -114,6 +116,14 @@ class TrainConfig:
     def stage_model_overrides(self) -> dict:
         """Qwen3Config fields the stage sets (the user's model.overrides win)."""
         return {}
+
+    def build_stream(self, tokenizer):
+        """The stage's stream of packed rows (dicts of input_ids, position_ids, document_ids,
+        labels; see train/data.py). Pre-training packs text; SFT overrides this with chat
+        samples whose labels cover the assistant tokens only."""
+        from qwen3_fast.train.data import PackedStream
+
+        return PackedStream(self.data, tokenizer)
 
     def validate(self) -> None:
         checks = [
@@ -299,7 +309,7 @@ def load_config(path: Optional[str], overrides: list[str] = (), stages: Optional
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
     data = apply_overrides(data, list(overrides))
-    stage = data.get("stage", "s1")
+    stage = data.get("stage", next(iter(stages)))
     if stage not in stages:
         raise ConfigError(f"stage: expected one of {', '.join(stages)}, got {stage!r}")
     # a stage's nested defaults (S3: data.seq_len 32768, ...) sit under what the user gave

@@ -30,7 +30,7 @@ from qwen3_fast.train import losses
 from qwen3_fast.train.checkpoint import (latest_checkpoint, load_checkpoint, save_checkpoint,
                                          save_hf_model)
 from qwen3_fast.train.config import TrainConfig, to_dict
-from qwen3_fast.train.data import PackedStream, collate, global_batch, load_tokenizer
+from qwen3_fast.train.data import collate, global_batch, load_tokenizer
 from qwen3_fast.train.distributed import (DistEnv, all_reduce_sum, init_distributed,
                                           shard_model)
 from qwen3_fast.train.optim import build_optimizer, lr_at, set_lr
@@ -134,7 +134,7 @@ def train(cfg: TrainConfig, env: Optional[DistEnv] = None) -> list[float]:
         shard_model(model)
     model.train()
     optimizer = build_optimizer(model, cfg.optim, env.device, env.distributed)
-    stream = PackedStream(cfg.data, tokenizer)
+    stream = cfg.build_stream(tokenizer)
     start = 0
     ckpt = latest_checkpoint(cfg.output_dir) if cfg.resume else None
     if ckpt is not None:
@@ -155,7 +155,7 @@ def train(cfg: TrainConfig, env: Optional[DistEnv] = None) -> list[float]:
     if cfg.progress and env.is_main and start < end:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=cfg.steps, initial=start, desc=f"pretrain {cfg.stage}", unit="step")
+        bar = tqdm(total=cfg.steps, initial=start, desc=f"train {cfg.stage}", unit="step")
     losses_out: list[float] = []
     last_saved = start
     try:
@@ -211,6 +211,8 @@ def train(cfg: TrainConfig, env: Optional[DistEnv] = None) -> list[float]:
         if end == cfg.steps and last_saved == cfg.steps:
             # the finished stage's model, where the next stage's model.init_from points
             save_hf_model(model, os.path.join(cfg.output_dir, "model"), env)
+            if env.is_main:  # a complete model directory: `qwen3-fast chat --model` loads it
+                tokenizer.save_pretrained(os.path.join(cfg.output_dir, "model"))
     finally:
         if bar is not None:
             bar.close()

@@ -11,4 +11,12 @@ from qwen3_fast.train.stages.s3_long_context import S3LongContextConfig
 
 STAGES = {"s1": S1GeneralConfig, "s2": S2ReasoningConfig, "s3": S3LongContextConfig}
 
-__all__ = ["S1GeneralConfig", "S2ReasoningConfig", "S3LongContextConfig", "STAGES"]
+
+def run(cfg, env=None) -> list[float]:
+    """The recipe entry (train/recipes.py): every pre-training stage runs the trainer core."""
+    from qwen3_fast.train.trainer import train
+
+    return train(cfg, env)
+
+
+__all__ = ["S1GeneralConfig", "S2ReasoningConfig", "S3LongContextConfig", "STAGES", "run"]
