@@ -72,7 +72,10 @@ class Qwen3Model(nn.Module):
         cached = self._rope
         if cached is None or cached[0] != device or cached[1].shape[0] < needed:
             size = max(needed, min(self.config.max_position_embeddings, 4096))
-            cos, sin = rope_cache(self.config, size, device=device)
+            # built as normal tensors even when the first call is an engine's inference_mode
+            # rollout: a cached inference tensor could not be saved for a later backward (GRPO)
+            with torch.inference_mode(False):
+                cos, sin = rope_cache(self.config, size, device=device)
             self._rope = cached = (device, cos, sin)
         return cached[1], cached[2]
 

@@ -69,6 +69,19 @@ def _text_of(record: object, field: str, where: str) -> str:
     return text
 
 
+def _document_of(record: object, cfg: SourceConfig, where: str):
+    """A record's document: its text, or (``messages_field`` set: SFT) its messages list."""
+    if not cfg.messages_field:
+        return _text_of(record, cfg.text_field, where)
+    if not isinstance(record, dict) or cfg.messages_field not in record:
+        raise ValueError(f"{where}: record has no messages field {cfg.messages_field!r}")
+    messages = record[cfg.messages_field]
+    if not isinstance(messages, list):
+        raise ValueError(f"{where}: field {cfg.messages_field!r} is {type(messages).__name__}, "
+                         "expected a list of messages")
+    return messages
+
+
 class JsonlSource(TextSource):
     """One JSON object per line; position = (file index, byte offset)."""
 
@@ -107,7 +120,7 @@ class JsonlSource(TextSource):
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{where}: not valid JSON ({e})") from None
-            return _text_of(record, self.cfg.text_field, where)
+            return _document_of(record, self.cfg, where)
 
     def state_dict(self) -> dict:
         return {"file_idx": self.file_idx, "offset": self.offset, "epoch": self.epoch}
@@ -136,8 +149,9 @@ class ParquetSource(TextSource):
 
     def _column(self) -> list[str]:
         if self._texts is None:
-            table = self._pq.read_table(self.files[self.file_idx], columns=[self.cfg.text_field])
-            self._texts = table.column(self.cfg.text_field).to_pylist()
+            column = self.cfg.messages_field or self.cfg.text_field
+            table = self._pq.read_table(self.files[self.file_idx], columns=[column])
+            self._texts = table.column(column).to_pylist()
         return self._texts
 
     def next_text(self) -> str:
@@ -146,9 +160,11 @@ class ParquetSource(TextSource):
             if self.row < len(texts):
                 text = texts[self.row]
                 self.row += 1
+                where = f"{self.files[self.file_idx]} row {self.row - 1}"
+                if self.cfg.messages_field:  # a list of message structs
+                    return _document_of({self.cfg.messages_field: text}, self.cfg, where)
                 if not isinstance(text, str):
-                    raise ValueError(f"{self.files[self.file_idx]} row {self.row - 1}: "
-                                     f"{self.cfg.text_field!r} is not a string")
+                    raise ValueError(f"{where}: {self.cfg.text_field!r} is not a string")
                 return text
             self._texts, self.row = None, 0
             self.file_idx += 1
@@ -191,7 +207,7 @@ class DatasetsSource(TextSource):
             self.index, self.epoch = 0, self.epoch + 1
         record = self.dataset[self.index]
         self.index += 1
-        return _text_of(record, self.cfg.text_field, f"{self.cfg.path}[{self.index - 1}]")
+        return _document_of(record, self.cfg, f"{self.cfg.path}[{self.index - 1}]")
 
     def state_dict(self) -> dict:
         return {"index": self.index, "epoch": self.epoch}
