@@ -13,6 +13,8 @@ from qwen3_fast.ops.flash_decode import flash_decode
 from qwen3_fast.ops.kv_quantize import kv_dequantize, kv_quantize
 from qwen3_fast.ops.linear import linear
 from qwen3_fast.ops.linear_cross_entropy import linear_cross_entropy
+from qwen3_fast.ops.linear_jsd import linear_jsd
+from qwen3_fast.ops.linear_logprobs import linear_logprobs
 from qwen3_fast.ops.grouped_gemm import grouped_gemm
 from qwen3_fast.ops.moe import (expert_selection_counts, global_expert_frequencies,
                                 global_load_balancing_loss, load_balancing_loss, moe_experts,
@@ -31,7 +33,7 @@ OPS = ("rms_norm", "add_rms_norm", "silu_and_mul", "qk_norm_rope", "kv_quantize"
 
 __all__ = ["BACKENDS", "OPS", "RMSNorm", "add_rms_norm", "attention", "flash_decode",
            "get_backend", "kv_dequantize", "kv_quantize",
-           "linear", "linear_cross_entropy",
+           "linear", "linear_cross_entropy", "linear_jsd", "linear_logprobs",
            "expert_selection_counts", "global_expert_frequencies", "global_load_balancing_loss",
            "grouped_gemm", "moe_permute", "moe_unpermute",
            "load_balancing_loss", "moe_experts", "moe_route", "qk_norm_rope", "qk_norm_rope_",

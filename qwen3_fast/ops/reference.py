@@ -7,6 +7,8 @@ hidden, I intermediate.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -331,6 +333,57 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     logits = hidden @ weight.t()  # [T, V]
     return F.cross_entropy(logits.float(), labels, ignore_index=ignore_index,
                            reduction=reduction)
+
+
+def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                    temperature: float = 1.0,
+                    ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor]:
+    """The unfused oracle of ops.linear_logprobs (issue 10): logits = hidden @ weight.T in
+    the input dtype, then fp32 (fp64 for fp64 inputs) / temperature, log_softmax.
+    hidden [T, H], weight [V, H], targets [T] -> (logprobs [T], entropy [T]): the target's
+    log-probability and the distribution's entropy; 0 (and no gradient) where
+    targets == ignore_index."""
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    logp = torch.log_softmax((hidden @ weight.t()).to(acc) / temperature, dim=-1)  # [T, V]
+    valid = targets != ignore_index
+    safe = torch.where(valid, targets, torch.zeros_like(targets)).long()
+    lp = logp.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    ent = -(logp.exp() * logp).sum(-1)
+    zero = torch.zeros((), dtype=acc, device=hidden.device)
+    return torch.where(valid, lp, zero), torch.where(valid, ent, zero)
+
+
+def linear_jsd(student_hidden: torch.Tensor, student_weight: torch.Tensor,
+               teacher_hidden: torch.Tensor, teacher_weight: torch.Tensor,
+               labels: torch.Tensor, beta: float = 0.5, temperature: float = 1.0,
+               ignore_index: int = -100, reduction: str = "mean") -> torch.Tensor:
+    """The unfused oracle of ops.linear_jsd (issue 10): full student and teacher logits
+    (each ``hidden @ weight.T`` in its input dtype, then fp32 (fp64 for an fp64 student)
+    / temperature), then the generalized JSD per token: M = (1-beta) P_S + beta P_T,
+    beta KL(P_T||M) + (1-beta) KL(P_S||M); beta = 0 is KL(P_T||P_S), beta = 1 is
+    KL(P_S||P_T). The teacher is a constant (detached). student_hidden [T, Hs],
+    student_weight [V, Hs], teacher_hidden [T, Ht], teacher_weight [V, Ht], labels [T]
+    (only masks) -> [T] ("none", 0 on masked rows) or a scalar ("sum", "mean" over unmasked)."""
+    acc = torch.float64 if student_hidden.dtype == torch.float64 else torch.float32
+    log_ps = torch.log_softmax((student_hidden @ student_weight.t()).to(acc) / temperature, -1)
+    with torch.no_grad():
+        log_pt = torch.log_softmax((teacher_hidden @ teacher_weight.t()).to(acc) / temperature,
+                                   -1)
+    if beta == 0.0:  # kl_div(input, target) = KL(target || input)
+        rows = F.kl_div(log_ps, log_pt, reduction="none", log_target=True).sum(-1)
+    elif beta == 1.0:
+        rows = F.kl_div(log_pt, log_ps, reduction="none", log_target=True).sum(-1)
+    else:
+        log_m = torch.logaddexp(log_ps + math.log1p(-beta), log_pt + math.log(beta))
+        rows = (beta * F.kl_div(log_m, log_pt, reduction="none", log_target=True).sum(-1)
+                + (1 - beta) * F.kl_div(log_m, log_ps, reduction="none", log_target=True).sum(-1))
+    valid = labels != ignore_index
+    rows = torch.where(valid, rows, torch.zeros((), dtype=acc, device=rows.device))
+    if reduction == "none":
+        return rows
+    if reduction == "sum":
+        return rows.sum()
+    return rows.sum() / valid.sum()
 
 
 # ---------------------------------------------------------------------------------------
