@@ -9,6 +9,8 @@ Subcommands:
   train      ``train {pretrain,sft,grpo,distill} --config FILE [key=value ...]``: the
              training recipes (= python -m qwen3_fast.train; torchrun for several ranks)
                                                                           [train/recipes.py]
+  demo       ``demo [--out DIR] [--quick] [--moe]``: the whole Qwen3 recipe at tiny scale on
+             a CPU, with a report (= python -m qwen3_fast.demo)            [demo/]
 """
 from __future__ import annotations
 
@@ -73,7 +75,15 @@ def main(argv: list[str] | None = None) -> int:
     train_sub = p_train.add_subparsers(dest="train_command", required=True)
     for recipe, (_, helptext) in RECIPES.items():
         add_train_arguments(train_sub.add_parser(recipe, help=helptext))
+    from qwen3_fast.demo import add_arguments as add_demo_arguments
+
+    add_demo_arguments(sub.add_parser("demo", help="the Qwen3 recipe end to end at tiny "
+                                      "scale on a CPU (report in --out)"))
     args = parser.parse_args(argv)
+    if args.command == "demo":
+        from qwen3_fast.demo import run as demo_run
+
+        return demo_run(args)
     if args.command == "train":
         from qwen3_fast.train.__main__ import run as train_run
 
