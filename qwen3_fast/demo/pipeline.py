@@ -58,7 +58,7 @@ MOE = {"default": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_si
 SETTINGS = {
     "default": dict(
         vocab_size=384, seq_len=256, long_seq_len=768, sft_seq_len=512, mb=8,
-        steps=dict(s1=300, s2=150, s3=10, cold_start=100, reasoning_rl=30, fusion=80,
+        steps=dict(s1=250, s2=150, s3=10, cold_start=250, reasoning_rl=30, fusion=120,
                    general_rl=16, student_base=300, off_policy=60, on_policy=16,
                    student_cold_start=100, student_rl=30),
         sizes=dict(general=3000, reasoning=3000, long=200, sft=1000, rl=600, distill=40,

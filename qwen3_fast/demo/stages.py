@@ -149,7 +149,7 @@ def build_stages(out: str, quick: bool = False, moe: bool = False, seed: int = 0
                                      model=_model(None, vocab, init_from=model_of("s3")),
                                      data=pre_data([{"path": paths["sft_think"]}], st["sft_seq_len"]))),
         "reasoning_rl": ("grpo", common(
-            "reasoning_rl", steps["reasoning_rl"], 5e-4, mb=16, warmup=0,
+            "reasoning_rl", steps["reasoning_rl"], 1e-4, mb=16, warmup=0,
             model=_model(None, vocab, init_from=model_of("cold_start")),
             data={"tokenizer": tok, "sources": [{"path": paths["rl_prompts"],
                                                  "domain": "math"}]},
@@ -194,7 +194,7 @@ def build_stages(out: str, quick: bool = False, moe: bool = False, seed: int = 0
             model=_model(None, vocab, init_from=model_of("student_base")),
             data=pre_data([{"path": paths["sft_think"]}], st["sft_seq_len"]))),
         "student_rl": ("grpo", common(
-            "student_rl", steps["student_rl"], 5e-4, mb=16, warmup=0, stage="reasoning_rl",
+            "student_rl", steps["student_rl"], 1e-4, mb=16, warmup=0, stage="reasoning_rl",
             model=_model(None, vocab, init_from=model_of("student_cold_start")),
             data={"tokenizer": tok, "sources": [{"path": paths["rl_prompts"],
                                                  "domain": "math"}]},
