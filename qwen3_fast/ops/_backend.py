@@ -140,3 +140,18 @@ def resolve(op: str, tensor: torch.Tensor) -> str:
     if not ok:
         raise RuntimeError(f"{op}: forced backend {_forced!r} cannot run here: {why}")
     return _forced
+
+
+def chunked_op_backend(op: str, device_type: str) -> str:
+    """The backend of a fused large-vocabulary op (linear_cross_entropy, linear_logprobs,
+    linear_jsd): "chunked" (torch ops per chunk of tokens; any device), "triton" (the
+    per-chunk Triton kernel) or "reference" (the unfused oracle). Triton is the CUDA default
+    only once `op` has passed on a GPU (GPU_VERIFIED); a forced "cpu"/"cuda" means chunked."""
+    forced = get_backend()
+    if forced is None:
+        verified = "triton" in GPU_VERIFIED.get(op, ())
+        return "triton" if device_type == "cuda" and verified else "chunked"
+    ok, why = backend_usable(forced, device_type)
+    if not ok:
+        raise RuntimeError(f"{op}: forced backend {forced!r} cannot run here: {why}")
+    return forced if forced in ("reference", "triton") else "chunked"

@@ -72,3 +72,41 @@ def check_eps(eps: object) -> float:
     if not eps >= 0.0 or eps == float("inf"):
         raise ValueError(f"eps must be a finite number >= 0, got {eps}")
     return float(eps)
+
+
+# ------------------------------------------------------------------ token labels (fused LM-head ops)
+def check_token_labels(labels: object, name: str, hidden: torch.Tensor, hidden_name: str) -> None:
+    """`labels`: an int64/int32 tensor shaped like `hidden` without its last dim, same device."""
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{name} has dtype {labels.dtype}; expected int64 or int32")
+    lead = tuple(hidden.shape[:-1])
+    if tuple(labels.shape) != lead:
+        raise ValueError(f"{name} has shape {tuple(labels.shape)}; expected {hidden_name}'s "
+                         f"leading shape {lead}")
+    check_same_device(hidden, hidden_name, labels, name)
+
+
+def check_ignore_index(ignore_index: object) -> int:
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    return ignore_index
+
+
+def check_chunk_size(chunk_size: object) -> int:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    return chunk_size
+
+
+def check_label_values(y: torch.Tensor, name: str, vocab: int, ignore_index: int) -> None:
+    """Every label of the flat int64 `y` is in [0, vocab) or ignore_index (one host sync;
+    skipped while compiling)."""
+    if vocab == 0:
+        raise ValueError("weight has 0 rows; expected a vocabulary of at least 1")
+    if not torch.compiler.is_compiling() and y.numel():
+        bad = (y != ignore_index) & ((y < 0) | (y >= vocab))
+        if bool(bad.any()):
+            raise ValueError(f"{name} has value {int(y[bad][0])}; expected values in "
+                             f"[0, {vocab}) or ignore_index ({ignore_index})")

@@ -38,7 +38,6 @@ from qwen3_fast.ops import _backend, _checks, reference
 
 REDUCTIONS = ("mean", "sum")
 WGRAD_SLICE = 16384  # vocabulary rows per half-precision weight-gradient GEMM
-LABEL_DTYPES = (torch.int64, torch.int32)
 
 
 def default_chunk_size(tokens: int, vocab: int) -> int:
@@ -150,20 +149,6 @@ torch.library.register_autograd("qwen3_fast::linear_cross_entropy_fwd", _backwar
 
 
 # ------------------------------------------------------------------ public op
-def _choose_backend(hidden: Tensor) -> str:
-    forced = _backend.get_backend()
-    if forced is None:
-        if hidden.device.type == "cuda" and "triton" in _backend.GPU_VERIFIED.get(
-                "linear_cross_entropy", ()):
-            return "triton"
-        return "chunked"
-    ok, why = _backend.backend_usable(forced, hidden.device.type)
-    if not ok:
-        raise RuntimeError(f"linear_cross_entropy: forced backend {forced!r} cannot run "
-                           f"here: {why}")
-    if forced in ("reference", "triton"):
-        return forced
-    return "chunked"  # cpu / cuda: the chunked torch path (see the module docstring)
 
 
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor,
@@ -193,33 +178,18 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor,
         hidden, weight = hidden.to(dt), weight.to(dt)
     _checks.check_same_dtype(hidden, "hidden", weight, "weight")
     hid = _checks.check_last_dim(hidden, "hidden", weight.shape[1])
-    if not isinstance(labels, Tensor):
-        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
-    if labels.dtype not in LABEL_DTYPES:
-        raise TypeError(f"labels has dtype {labels.dtype}; expected int64 or int32")
-    if tuple(labels.shape) != tuple(hidden.shape[:-1]):
-        raise ValueError(f"labels has shape {tuple(labels.shape)}; expected hidden's leading "
-                         f"shape {tuple(hidden.shape[:-1])}")
-    _checks.check_same_device(hidden, "hidden", labels, "labels")
+    _checks.check_token_labels(labels, "labels", hidden, "hidden")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    _checks.check_ignore_index(ignore_index)
     vocab = weight.shape[0]
-    if vocab == 0:
-        raise ValueError("weight has 0 rows; expected a vocabulary of at least 1")
     h2 = hidden.reshape(-1, hid)
     y = labels.reshape(-1).to(torch.int64)
-    if chunk_size is None:
+    if chunk_size is None and vocab:
         chunk_size = default_chunk_size(h2.shape[0], vocab)
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    if not torch.compiler.is_compiling() and y.numel():
-        bad = (y != ignore_index) & ((y < 0) | (y >= vocab))
-        if bool(bad.any()):
-            raise ValueError(f"labels has value {int(y[bad][0])}; expected values in "
-                             f"[0, {vocab}) or ignore_index ({ignore_index})")
-    backend = _choose_backend(hidden)
+    _checks.check_chunk_size(chunk_size)
+    _checks.check_label_values(y, "labels", vocab, ignore_index)
+    backend = _backend.chunked_op_backend("linear_cross_entropy", hidden.device.type)
     if backend == "triton" and hidden.dtype == torch.float64:
         backend = "chunked"  # the Triton kernel is fp32; float64 is for gradcheck
     if backend == "reference":

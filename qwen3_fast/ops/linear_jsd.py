@@ -59,7 +59,6 @@ from qwen3_fast.ops import _backend, _checks, reference
 from qwen3_fast.ops.linear_cross_entropy import WGRAD_SLICE, default_chunk_size
 
 REDUCTIONS = ("none", "sum", "mean")
-LABEL_DTYPES = (torch.int64, torch.int32)
 # The default chunk holds 2 * 2**26 / CHUNK_BUFFERS fp32 logits per model: 128 rows at
 # V = 151936, 78 MB per [C, V] buffer, about 5 of them at the peak of the torch path
 # (both logits, log M, P_T, a product). Measured on the CPU (bf16, T = 256, Hs = 1024,
@@ -312,19 +311,6 @@ torch.library.register_autograd("qwen3_fast::linear_jsd_fwd", _backward, setup_c
 
 
 # ------------------------------------------------------------------ public op
-def _choose_backend(hidden: Tensor) -> str:
-    forced = _backend.get_backend()
-    if forced is None:
-        if hidden.device.type == "cuda" and "triton" in _backend.GPU_VERIFIED.get(
-                "linear_jsd", ()):
-            return "triton"
-        return "chunked"
-    ok, why = _backend.backend_usable(forced, hidden.device.type)
-    if not ok:
-        raise RuntimeError(f"linear_jsd: forced backend {forced!r} cannot run here: {why}")
-    if forced in ("reference", "triton"):
-        return forced
-    return "chunked"  # cpu / cuda: the chunked torch path (see the module docstring)
 
 
 def _check_number(value: object, name: str) -> float:
@@ -388,14 +374,7 @@ def linear_jsd(student_hidden: Tensor, student_weight: Tensor, teacher_hidden: T
     if tuple(teacher_hidden.shape[:-1]) != lead:
         raise ValueError(f"teacher_hidden has shape {tuple(teacher_hidden.shape)}; expected "
                          f"student_hidden's leading shape {lead} (one teacher row per token)")
-    if not isinstance(labels, Tensor):
-        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
-    if labels.dtype not in LABEL_DTYPES:
-        raise TypeError(f"labels has dtype {labels.dtype}; expected int64 or int32")
-    if tuple(labels.shape) != lead:
-        raise ValueError(f"labels has shape {tuple(labels.shape)}; expected student_hidden's "
-                         f"leading shape {lead}")
-    _checks.check_same_device(student_hidden, "student_hidden", labels, "labels")
+    _checks.check_token_labels(labels, "labels", student_hidden, "student_hidden")
     beta = _check_number(beta, "beta")
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must be in [0, 1], got {beta}")
@@ -404,15 +383,13 @@ def linear_jsd(student_hidden: Tensor, student_weight: Tensor, teacher_hidden: T
         raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    _checks.check_ignore_index(ignore_index)
     sh2, th2 = student_hidden.reshape(-1, hs), teacher_hidden.reshape(-1, ht)
     y = labels.reshape(-1).to(torch.int64)
     if chunk_size is None:
         chunk_size = default_jsd_chunk_size(sh2.shape[0], vocab)
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    backend = _choose_backend(student_hidden)
+    _checks.check_chunk_size(chunk_size)
+    backend = _backend.chunked_op_backend("linear_jsd", student_hidden.device.type)
     if backend == "triton" and torch.float64 in (student_hidden.dtype, teacher_hidden.dtype):
         backend = "chunked"  # the Triton kernel is fp32; float64 is for gradcheck
     if backend == "reference":

@@ -45,7 +45,6 @@ from torch import Tensor
 from qwen3_fast.ops import _backend, _checks, reference
 from qwen3_fast.ops.linear_cross_entropy import default_chunk_size
 
-TARGET_DTYPES = (torch.int64, torch.int32)
 TOKEN_BLOCK = 4096  # most token rows of one backward tile (see backward_tiles)
 
 __all__ = ["linear_logprobs", "default_chunk_size"]
@@ -267,19 +266,6 @@ torch.library.register_autograd("qwen3_fast::linear_logprobs_fwd", _backward,
 
 
 # ------------------------------------------------------------------ public op
-def _choose_backend(hidden: Tensor) -> str:
-    forced = _backend.get_backend()
-    if forced is None:
-        if hidden.device.type == "cuda" and "triton" in _backend.GPU_VERIFIED.get(
-                "linear_logprobs", ()):
-            return "triton"
-        return "chunked"
-    ok, why = _backend.backend_usable(forced, hidden.device.type)
-    if not ok:
-        raise RuntimeError(f"linear_logprobs: forced backend {forced!r} cannot run here: {why}")
-    if forced in ("reference", "triton"):
-        return forced
-    return "chunked"  # cpu / cuda: the chunked torch path (see the module docstring)
 
 
 def _check_temperature(temperature: object) -> float:
@@ -319,32 +305,17 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, temperature
         hidden, weight = hidden.to(dt), weight.to(dt)
     _checks.check_same_dtype(hidden, "hidden", weight, "weight")
     hid = _checks.check_last_dim(hidden, "hidden", weight.shape[1])
-    if not isinstance(targets, Tensor):
-        raise TypeError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
-    if targets.dtype not in TARGET_DTYPES:
-        raise TypeError(f"targets has dtype {targets.dtype}; expected int64 or int32")
-    if tuple(targets.shape) != tuple(hidden.shape[:-1]):
-        raise ValueError(f"targets has shape {tuple(targets.shape)}; expected hidden's leading "
-                         f"shape {tuple(hidden.shape[:-1])}")
-    _checks.check_same_device(hidden, "hidden", targets, "targets")
+    _checks.check_token_labels(targets, "targets", hidden, "hidden")
     temperature = _check_temperature(temperature)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    _checks.check_ignore_index(ignore_index)
     vocab = weight.shape[0]
-    if vocab == 0:
-        raise ValueError("weight has 0 rows; expected a vocabulary of at least 1")
     h2 = hidden.reshape(-1, hid)
     y = targets.reshape(-1).to(torch.int64)
-    if chunk_size is None:
+    if chunk_size is None and vocab:
         chunk_size = default_chunk_size(h2.shape[0], vocab)
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    if not torch.compiler.is_compiling() and y.numel():
-        bad = (y != ignore_index) & ((y < 0) | (y >= vocab))
-        if bool(bad.any()):
-            raise ValueError(f"targets has value {int(y[bad][0])}; expected values in "
-                             f"[0, {vocab}) or ignore_index ({ignore_index})")
-    backend = _choose_backend(hidden)
+    _checks.check_chunk_size(chunk_size)
+    _checks.check_label_values(y, "targets", vocab, ignore_index)
+    backend = _backend.chunked_op_backend("linear_logprobs", hidden.device.type)
     if backend == "triton" and hidden.dtype == torch.float64:
         backend = "chunked"  # the Triton kernels are fp32; float64 is for gradcheck
     if backend == "reference":
