@@ -10,9 +10,6 @@ does not see torch's allocations and torch has no CPU allocator statistics. Also
 """
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
 
 import pytest
@@ -20,6 +17,8 @@ import torch
 
 from qwen3_fast import ops
 from qwen3_fast.ops import reference
+
+import _memory
 
 QWEN3_VOCAB = 151936
 # (tokens, hidden, vocab): the first is the CI smoke shape (id contains "-1-1024-")
@@ -59,41 +58,23 @@ def test_linear_cross_entropy_cpu(benchmark, impl, tokens, hidden, vocab):
 
 
 # ------------------------------------------------------------------ peak memory
-def _hwm_kib() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
 def measure(impl: str, tokens: int, hidden: int, vocab: int) -> float:
     """Peak resident growth (MiB) of one forward + backward, in this (fresh) process."""
     h, w, y = _inputs(tokens, hidden, vocab)
     fn = _fn(impl)
-    fn(h[:1], w, y[:1]).backward()  # first-call allocations (thread pools, op registration)
-    h.grad = w.grad = None
-    with open("/proc/self/status") as f:
-        rss = next(int(x.split()[1]) for x in f if x.startswith("VmRSS:"))
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM to the current RSS
-    fn(h, w, y).backward()
-    return (_hwm_kib() - rss) / 1024
+
+    def warmup():  # first-call allocations (thread pools, op registration)
+        fn(h[:1], w, y[:1]).backward()
+        h.grad = w.grad = None
+
+    return _memory.peak_growth_mib(warmup, lambda: fn(h, w, y).backward())
 
 
 def measure_in_subprocess(impl: str, tokens: int, hidden: int, vocab: int) -> float:
-    code = ("import sys, json; sys.path.insert(0, %r); import bench_linear_cross_entropy as b; "
-            "print(json.dumps(b.measure(%r, %d, %d, %d)))"
-            % (os.path.dirname(os.path.abspath(__file__)), impl, tokens, hidden, vocab))
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env=env, timeout=900)
-    if out.returncode != 0:
-        raise RuntimeError(out.stderr[-2000:])
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return _memory.measure_in_subprocess('bench_linear_cross_entropy', impl, tokens, hidden, vocab)
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc")
+@pytest.mark.skipif(not _memory.HAVE_PROC, reason="needs Linux /proc")
 @pytest.mark.parametrize("tokens,hidden,vocab", [(1, 1024, QWEN3_VOCAB)],
                          ids=["bf16-1-1024-151936"])
 def test_peak_memory_cpu(tokens, hidden, vocab):

@@ -11,9 +11,6 @@ bench_linear_cross_entropy.py). Also: ``python bench/bench_linear_jsd.py --memor
 """
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
 
 import pytest
@@ -21,6 +18,8 @@ import torch
 
 from qwen3_fast import ops
 from qwen3_fast.ops import reference
+
+import _memory
 
 QWEN3_VOCAB = 151936
 BETA = 0.5
@@ -71,41 +70,23 @@ def test_linear_jsd_cpu(benchmark, impl, tokens, hs, ht, vocab):
 
 
 # ------------------------------------------------------------------ peak memory
-def _hwm_kib() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
 def measure(impl: str, tokens: int, hs: int, ht: int, vocab: int) -> float:
     """Peak resident growth (MiB) of one forward + backward, in this (fresh) process."""
     sh, sw, th, tw, y = _inputs(tokens, hs, ht, vocab)
     fn = _fn(impl)
-    fn(sh[:1], sw, th[:1], tw, y[:1]).backward()  # first-call allocations
-    sh.grad = sw.grad = None
-    with open("/proc/self/status") as f:
-        rss = next(int(x.split()[1]) for x in f if x.startswith("VmRSS:"))
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM to the current RSS
-    fn(sh, sw, th, tw, y).backward()
-    return (_hwm_kib() - rss) / 1024
+
+    def warmup():  # first-call allocations
+        fn(sh[:1], sw, th[:1], tw, y[:1]).backward()
+        sh.grad = sw.grad = None
+
+    return _memory.peak_growth_mib(warmup, lambda: fn(sh, sw, th, tw, y).backward())
 
 
 def measure_in_subprocess(impl: str, tokens: int, hs: int, ht: int, vocab: int) -> float:
-    code = ("import sys, json; sys.path.insert(0, %r); import bench_linear_jsd as b; "
-            "print(json.dumps(b.measure(%r, %d, %d, %d, %d)))"
-            % (os.path.dirname(os.path.abspath(__file__)), impl, tokens, hs, ht, vocab))
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env=env, timeout=900)
-    if out.returncode != 0:
-        raise RuntimeError(out.stderr[-2000:])
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return _memory.measure_in_subprocess('bench_linear_jsd', impl, tokens, hs, ht, vocab)
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc")
+@pytest.mark.skipif(not _memory.HAVE_PROC, reason="needs Linux /proc")
 @pytest.mark.parametrize("tokens,hs,ht,vocab", [(1, 1024, 2048, QWEN3_VOCAB)],
                          ids=["bf16-1-1024-2048-151936"])
 def test_peak_memory_cpu(tokens, hs, ht, vocab):

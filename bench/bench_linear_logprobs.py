@@ -16,9 +16,6 @@ measurement sees what it should. Full size:
 """
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
 
 import pytest
@@ -27,6 +24,8 @@ import torch
 from qwen3_fast import ops
 from qwen3_fast.ops import reference
 from qwen3_fast.ops.linear_logprobs import backward_tiles, default_chunk_size
+
+import _memory
 
 QWEN3_VOCAB = 151936
 TEMPERATURE = 0.9
@@ -94,38 +93,20 @@ def analytic_bytes(impl: str, tokens: int, hidden: int, vocab: int) -> int:
     return vocab * hidden * 2 + tokens * hidden * 6 + rows * cols * (2 + 4 + 4 + 2) + extra
 
 
-def _hwm_kib() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
 def measure(impl: str, tokens: int, hidden: int, vocab: int) -> float:
     """Peak resident growth (MiB) of one forward + backward, in this (fresh) process."""
     h, w, y, grads = _inputs(tokens, hidden, vocab)
     fn = _fn(impl)
-    _step(fn, h[:1], w, y[:1], (grads[0][:1], grads[1][:1]))  # first-call allocations
-    h.grad = w.grad = None
-    with open("/proc/self/status") as f:
-        rss = next(int(x.split()[1]) for x in f if x.startswith("VmRSS:"))
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM to the current RSS
-    _step(fn, h, w, y, grads)
-    return (_hwm_kib() - rss) / 1024
+
+    def warmup():  # first-call allocations
+        _step(fn, h[:1], w, y[:1], (grads[0][:1], grads[1][:1]))
+        h.grad = w.grad = None
+
+    return _memory.peak_growth_mib(warmup, lambda: _step(fn, h, w, y, grads))
 
 
 def measure_in_subprocess(impl: str, tokens: int, hidden: int, vocab: int) -> float:
-    code = ("import sys, json; sys.path.insert(0, %r); import bench_linear_logprobs as b; "
-            "print(json.dumps(b.measure(%r, %d, %d, %d)))"
-            % (os.path.dirname(os.path.abspath(__file__)), impl, tokens, hidden, vocab))
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env=env, timeout=900)
-    if out.returncode != 0:
-        raise RuntimeError(out.stderr[-2000:])
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return _memory.measure_in_subprocess('bench_linear_logprobs', impl, tokens, hidden, vocab)
 
 
 def report(tokens: int, hidden: int, vocab: int) -> tuple[float, float]:
@@ -139,7 +120,7 @@ def report(tokens: int, hidden: int, vocab: int) -> tuple[float, float]:
     return ours, ref
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc")
+@pytest.mark.skipif(not _memory.HAVE_PROC, reason="needs Linux /proc")
 @pytest.mark.parametrize("tokens,hidden,vocab", [(1, 1024, QWEN3_VOCAB)],
                          ids=["bf16-1-1024-151936"])
 def test_peak_memory_cpu(tokens, hidden, vocab):
