@@ -39,14 +39,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
-from qwen3_fast.train.config import ConfigError, SourceConfig, TrainConfig, to_dict
+from qwen3_fast.train.config import ConfigError, SourceConfig, TrainConfig
 from qwen3_fast.train.data import IGNORE_INDEX, load_tokenizer
 from qwen3_fast.train.distill_data import MODES
 
@@ -241,64 +240,16 @@ def load_teacher(cfg: DistillConfig, device: torch.device):
 # ------------------------------------------------------------------ the step loop
 def train_loop(cfg: DistillConfig, env, model, tokenizer, data,
                step_fn: Callable[[int], tuple[float, dict]]) -> list[float]:
-    """Optimizer, schedule, clipping, metrics, checkpoints and resume around `step_fn`
-    (one optimizer step's forward/backward: returns (loss, extra metrics)). `data` has
+    """AdamW over `model` and the shared step loop (train/loop.py) around `step_fn` (one
+    optimizer step's forward/backward: returns (loss, extra metrics)). `data` has
     state_dict / load_state_dict (saved with each checkpoint)."""
-    from qwen3_fast.train.checkpoint import (latest_checkpoint, load_checkpoint,
-                                             save_checkpoint, save_hf_model)
-    from qwen3_fast.train.optim import build_optimizer, lr_at, set_lr
-    from qwen3_fast.train.trainer import Metrics
+    from qwen3_fast.train.loop import run_steps
+    from qwen3_fast.train.optim import build_optimizer
 
     model.train()
     optimizer = build_optimizer(model, cfg.optim, env.device, env.distributed)
-    start = 0
-    ckpt = latest_checkpoint(cfg.output_dir) if cfg.resume else None
-    if ckpt is not None:
-        state = load_checkpoint(ckpt, model, optimizer, env)
-        data.load_state_dict(state["data"])
-        start = state["step"]
-    end = cfg.steps if cfg.stop_after is None else min(cfg.steps, cfg.stop_after)
-    metrics = Metrics(cfg.output_dir, env)
-    bar = None
-    if cfg.progress and env.is_main and start < end:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=cfg.steps, initial=start, desc=f"distill {cfg.stage}", unit="step")
-    out: list[float] = []
-    last_saved = start
-    try:
-        for step in range(start, end):
-            t0 = time.perf_counter()
-            lr = lr_at(step, cfg.steps, cfg.optim)
-            set_lr(optimizer, lr)
-            loss, extra = step_fn(step)
-            max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            out.append(loss)
-            record = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": float(grad_norm),
-                      **extra, "time": time.perf_counter() - t0}
-            if (step + 1) % cfg.log_every == 0 or step + 1 == end:
-                metrics.log(record)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
-            done = step + 1
-            if (cfg.save_every and done % cfg.save_every == 0) or done == end:
-                save_checkpoint(cfg.output_dir, done, model, optimizer,
-                                {"data": data.state_dict(), "config": to_dict(cfg)}, env,
-                                keep=cfg.keep_checkpoints)
-                last_saved = done
-        if end == cfg.steps and last_saved == cfg.steps:
-            save_hf_model(model, os.path.join(cfg.output_dir, "model"), env)
-            if env.is_main:
-                tokenizer.save_pretrained(os.path.join(cfg.output_dir, "model"))
-    finally:
-        if bar is not None:
-            bar.close()
-        metrics.close()
-    return out
+    return run_steps(cfg, env, model, optimizer, tokenizer, data, step_fn,
+                     desc=f"distill {cfg.stage}")
 
 
 def _single_process(env, what: str) -> None:

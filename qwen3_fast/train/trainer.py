@@ -20,20 +20,18 @@ import dataclasses
 import json
 import os
 import random
-import time
 from typing import Optional
 
 import torch
 from torch import nn
 
 from qwen3_fast.train import losses
-from qwen3_fast.train.checkpoint import (latest_checkpoint, load_checkpoint, save_checkpoint,
-                                         save_hf_model)
-from qwen3_fast.train.config import TrainConfig, to_dict
+from qwen3_fast.train.config import TrainConfig
 from qwen3_fast.train.data import collate, global_batch, load_tokenizer
 from qwen3_fast.train.distributed import (DistEnv, all_reduce_sum, init_distributed,
                                           shard_model)
-from qwen3_fast.train.optim import build_optimizer, lr_at, set_lr
+from qwen3_fast.train.loop import run_steps
+from qwen3_fast.train.optim import build_optimizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -135,89 +133,42 @@ def train(cfg: TrainConfig, env: Optional[DistEnv] = None) -> list[float]:
     model.train()
     optimizer = build_optimizer(model, cfg.optim, env.device, env.distributed)
     stream = cfg.build_stream(tokenizer)
-    start = 0
-    ckpt = latest_checkpoint(cfg.output_dir) if cfg.resume else None
-    if ckpt is not None:
-        state = load_checkpoint(ckpt, model, optimizer, env)
-        stream.load_state_dict(state["data"])
-        start = state["step"]
-    end = cfg.steps if cfg.stop_after is None else min(cfg.steps, cfg.stop_after)
     is_moe = model.config.is_moe
     aux_coef = cfg.moe_aux_coef if cfg.moe_aux_coef is not None else \
         model.config.router_aux_loss_coef
     autocast = torch.autocast(env.device.type, dtype=torch.bfloat16,
                               enabled=cfg.precision == "bf16")
     balance = losses.MoeBalance(cfg.moe_balance, model.config) if is_moe else None
-    metrics = Metrics(cfg.output_dir, env)
     rows_per_rank = cfg.micro_batch_size * cfg.grad_accum
     tokens_per_step = rows_per_rank * env.world * cfg.data.seq_len
-    bar = None
-    if cfg.progress and env.is_main and start < end:
-        from tqdm.auto import tqdm
 
-        bar = tqdm(total=cfg.steps, initial=start, desc=f"train {cfg.stage}", unit="step")
-    losses_out: list[float] = []
-    last_saved = start
-    try:
-        for step in range(start, end):
-            t0 = time.perf_counter()
-            lr = lr_at(step, cfg.steps, cfg.optim)
-            set_lr(optimizer, lr)
-            rows, n_targets = global_batch(stream, rows_per_rank, env.rank, env.world)
-            norm = env.world / max(n_targets, 1)
-            ce_sum = torch.zeros((), dtype=torch.float32, device=env.device)
-            if balance is not None:
-                balance.start_step()
-            for i in range(cfg.grad_accum):
-                batch = _device_batch(rows[i * cfg.micro_batch_size:
-                                           (i + 1) * cfg.micro_batch_size], env.device)
-                if env.distributed:  # reduce-scatter once per step, after the last micro
-                    model.set_requires_gradient_sync(i == cfg.grad_accum - 1)
-                with autocast:
-                    out = model(batch["input_ids"], position_ids=batch["position_ids"],
-                                document_ids=batch["document_ids"], labels=batch["labels"],
-                                return_logits=False, loss_reduction="sum",
-                                output_router_logits=is_moe)
-                loss = out.loss * norm
-                if balance is not None and aux_coef:
-                    # mean over micro-steps and (through FSDP's average) over ranks
-                    loss = loss + aux_coef * balance(out) / cfg.grad_accum
-                loss.backward()
-                ce_sum += out.loss.detach().float()
-            max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-            if hasattr(grad_norm, "full_tensor"):
-                grad_norm = grad_norm.full_tensor()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step_loss = (all_reduce_sum(ce_sum, env) / max(n_targets, 1)).item()
-            losses_out.append(step_loss)
-            dt = time.perf_counter() - t0
-            record = {"step": step + 1, "loss": step_loss, "lr": lr,
-                      "grad_norm": float(grad_norm), "tokens": tokens_per_step,
-                      "targets": n_targets, "tok_per_s": tokens_per_step / dt, "time": dt}
-            if (step + 1) % cfg.log_every == 0 or step + 1 == end:
-                metrics.log(record)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}",
-                                tok_s=f"{record['tok_per_s']:.0f}")
-            done = step + 1
-            if (cfg.save_every and done % cfg.save_every == 0) or done == end:
-                save_checkpoint(cfg.output_dir, done, model, optimizer,
-                                {"data": stream.state_dict(), "config": to_dict(cfg)}, env,
-                                keep=cfg.keep_checkpoints)
-                last_saved = done
-        if end == cfg.steps and last_saved == cfg.steps:
-            # the finished stage's model, where the next stage's model.init_from points
-            save_hf_model(model, os.path.join(cfg.output_dir, "model"), env)
-            if env.is_main:  # a complete model directory: `qwen3-fast chat --model` loads it
-                tokenizer.save_pretrained(os.path.join(cfg.output_dir, "model"))
-    finally:
-        if bar is not None:
-            bar.close()
-        metrics.close()
-    return losses_out
+    def step_fn(step: int) -> tuple[float, dict]:
+        rows, n_targets = global_batch(stream, rows_per_rank, env.rank, env.world)
+        norm = env.world / max(n_targets, 1)
+        ce_sum = torch.zeros((), dtype=torch.float32, device=env.device)
+        if balance is not None:
+            balance.start_step()
+        for i in range(cfg.grad_accum):
+            batch = _device_batch(rows[i * cfg.micro_batch_size:
+                                       (i + 1) * cfg.micro_batch_size], env.device)
+            if env.distributed:  # reduce-scatter once per step, after the last micro
+                model.set_requires_gradient_sync(i == cfg.grad_accum - 1)
+            with autocast:
+                out = model(batch["input_ids"], position_ids=batch["position_ids"],
+                            document_ids=batch["document_ids"], labels=batch["labels"],
+                            return_logits=False, loss_reduction="sum",
+                            output_router_logits=is_moe)
+            loss = out.loss * norm
+            if balance is not None and aux_coef:
+                # mean over micro-steps and (through FSDP's average) over ranks
+                loss = loss + aux_coef * balance(out) / cfg.grad_accum
+            loss.backward()
+            ce_sum += out.loss.detach().float()
+        step_loss = (all_reduce_sum(ce_sum, env) / max(n_targets, 1)).item()
+        return step_loss, {"tokens": tokens_per_step, "targets": n_targets}
+
+    return run_steps(cfg, env, model, optimizer, tokenizer, stream, step_fn,
+                     desc=f"train {cfg.stage}")
 
 
 __all__ = ["build_model", "enable_activation_checkpointing", "seed_everything", "train"]
