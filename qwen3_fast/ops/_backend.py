@@ -142,11 +142,12 @@ def resolve(op: str, tensor: torch.Tensor) -> str:
     return _forced
 
 
-def chunked_op_backend(op: str, device_type: str) -> str:
+def chunked_op_backend(op: str, device_type: str, dtype=None) -> str:
     """The backend of a fused large-vocabulary op (linear_cross_entropy, linear_logprobs,
     linear_jsd): "chunked" (torch ops per chunk of tokens; any device), "triton" (the
     per-chunk Triton kernel) or "reference" (the unfused oracle). Triton is the CUDA default
-    only once `op` has passed on a GPU (GPU_VERIFIED); a forced "cpu"/"cuda" means chunked."""
+    only once `op` has passed on a GPU (GPU_VERIFIED); a forced "cpu"/"cuda" means chunked.
+    The Triton kernels are fp32: float64 inputs (gradcheck) take the chunked path instead."""
     forced = get_backend()
     if forced is None:
         verified = "triton" in GPU_VERIFIED.get(op, ())
@@ -154,4 +155,6 @@ def chunked_op_backend(op: str, device_type: str) -> str:
     ok, why = backend_usable(forced, device_type)
     if not ok:
         raise RuntimeError(f"{op}: forced backend {forced!r} cannot run here: {why}")
+    if forced == "triton" and dtype == torch.float64:
+        return "chunked"
     return forced if forced in ("reference", "triton") else "chunked"

@@ -189,9 +189,7 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor,
         chunk_size = default_chunk_size(h2.shape[0], vocab)
     _checks.check_chunk_size(chunk_size)
     _checks.check_label_values(y, "labels", vocab, ignore_index)
-    backend = _backend.chunked_op_backend("linear_cross_entropy", hidden.device.type)
-    if backend == "triton" and hidden.dtype == torch.float64:
-        backend = "chunked"  # the Triton kernel is fp32; float64 is for gradcheck
+    backend = _backend.chunked_op_backend("linear_cross_entropy", hidden.device.type, hidden.dtype)
     if backend == "reference":
         return reference.linear_cross_entropy(h2, weight, y, ignore_index, reduction)
     grad_on = torch.is_grad_enabled()

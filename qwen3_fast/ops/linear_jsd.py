@@ -389,7 +389,7 @@ def linear_jsd(student_hidden: Tensor, student_weight: Tensor, teacher_hidden: T
     if chunk_size is None:
         chunk_size = default_jsd_chunk_size(sh2.shape[0], vocab)
     _checks.check_chunk_size(chunk_size)
-    backend = _backend.chunked_op_backend("linear_jsd", student_hidden.device.type)
+    backend = _backend.chunked_op_backend("linear_jsd", student_hidden.device.type, student_hidden.dtype)
     if backend == "triton" and torch.float64 in (student_hidden.dtype, teacher_hidden.dtype):
         backend = "chunked"  # the Triton kernel is fp32; float64 is for gradcheck
     if backend == "reference":

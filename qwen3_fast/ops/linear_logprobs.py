@@ -315,9 +315,7 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, temperature
         chunk_size = default_chunk_size(h2.shape[0], vocab)
     _checks.check_chunk_size(chunk_size)
     _checks.check_label_values(y, "targets", vocab, ignore_index)
-    backend = _backend.chunked_op_backend("linear_logprobs", hidden.device.type)
-    if backend == "triton" and hidden.dtype == torch.float64:
-        backend = "chunked"  # the Triton kernels are fp32; float64 is for gradcheck
+    backend = _backend.chunked_op_backend("linear_logprobs", hidden.device.type, hidden.dtype)
     if backend == "reference":
         lp, ent = reference.linear_logprobs(h2, weight, y, temperature, ignore_index)
     else:
