@@ -17,18 +17,36 @@ because oneDNN's per-call weight reorder and per-shape kernel builds dominate at
 per expert (measured in bench/bench_moe.py). The weight gradient stays on torch matmul. ``triton``:
 ops/triton/grouped_gemm.py (one launch, each program finds its group from offsets).
 ``cuda``: csrc/cuda/grouped_gemm.cu (a shared-memory tiled kernel for sm_80+, each block
-finds its group from the device offsets: no host sync; the CUTLASS 3.x sm_90a kernel the
-issue asks for is not written yet).
+finds its group from the device offsets: no host sync), the correctness baseline.
+``cutlass``: csrc/cuda/grouped_gemm_sm90.cu, a CUTLASS 3.x ptr-array grouped GEMM for
+Hopper (sm_90a: TMA, wgmma, warp-specialized cooperative persistent kernel); a small
+device kernel builds the per-group problem shapes, pointers and strides from the device
+offsets, so it never synchronizes with the host either. float16/bfloat16, N and K
+multiples of 8, compute capability 9.0, a build with 90a in QWEN3_FAST_CUDA_ARCHS. Its
+weight gradient is the same CUTLASS kernel with a per-group reduction length (empty groups
+get no tiles and are zero-filled). Select it per call with ``grouped_gemm(...,
+backend="cutlass")``; the ``cuda`` backend (what ``moe_experts`` uses) takes it instead of
+the tiled kernel when QWEN3_FAST_GROUPED_GEMM=cutlass or once "cutlass" is in
+``GPU_VERIFIED["grouped_gemm"]`` (not yet: it has not run on a GPU), and falls back to the
+tiled kernel for inputs CUTLASS cannot take.
 ``reference``: the per-group loop of ops/reference.py. Shapes: M rows (T*K slots),
 K reduction, N output columns, E groups.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor
 
+from qwen3_fast import _ext
 from qwen3_fast.ops import _backend, _checks, reference
 from qwen3_fast.ops._kernel_args import code, launch, ptr
+
+# Backend names grouped_gemm(..., backend=...) accepts: the global ones plus "cutlass".
+GROUPED_GEMM_BACKENDS = _backend.BACKENDS + ("cutlass",)
+# QWEN3_FAST_GROUPED_GEMM: which kernel the "cuda" backend runs ("tiled" or "cutlass").
+_CUDA_KERNEL_ENV = "QWEN3_FAST_GROUPED_GEMM"
 
 
 _NT_BF16: list[bool] = []
@@ -42,6 +60,53 @@ def _nt_bf16_kernel() -> bool:
         _NT_BF16.append(bool(_ext.available() and getattr(
             _ext.extension(), "grouped_gemm_nt_bf16_available", lambda: False)()))
     return _NT_BF16[0]
+
+
+_SM90: list[bool] = []
+_SM90_WORKSPACE: dict[tuple[int, int], int] = {}
+
+
+def sm90_kernel_built() -> bool:
+    """Whether _C has the CUTLASS sm_90a grouped GEMM (CUTLASS headers, 90a in the archs)."""
+    if not _SM90:
+        _SM90.append(bool(_ext.cuda_built() and getattr(
+            _ext.extension(), "grouped_gemm_sm90_available", lambda: False)()))
+    return _SM90[0]
+
+
+def _cutlass_ok(device: torch.device, dtype: torch.dtype, n: int, k: int) -> tuple[bool, str]:
+    if device.type != "cuda":
+        return False, f"it needs CUDA tensors, got {device.type} tensors"
+    if not _ext.cuda_built():
+        return False, "qwen3_fast._C was built without CUDA kernels"
+    if not sm90_kernel_built():
+        return False, ("this build has no CUTLASS sm_90a grouped GEMM (it needs the CUTLASS "
+                       "headers and 90a in QWEN3_FAST_CUDA_ARCHS)")
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) != (9, 0):
+        return False, f"it needs a compute capability 9.0 GPU (Hopper), {device} is {major}.{minor}"
+    if dtype not in (torch.float16, torch.bfloat16):
+        return False, f"it takes float16 or bfloat16, got {dtype}"
+    if n % 8 or k % 8:
+        return False, f"N ({n}) and K ({k}) must be multiples of 8 (16-byte rows for TMA)"
+    return True, ""
+
+
+def cutlass_usable(a: Tensor, b: Tensor, trans_b: bool) -> tuple[bool, str]:
+    """Whether the CUTLASS sm_90a kernel can run c = grouped_gemm(a, b, ., trans_b) (and
+    its backward, which needs the same N, K conditions), and why not. Host-side facts
+    only: no device synchronization."""
+    return _cutlass_ok(a.device, a.dtype, b.shape[1] if trans_b else b.shape[2], a.shape[1])
+
+
+def _cuda_kernel_is_cutlass() -> bool:
+    """Whether the "cuda" backend runs the CUTLASS kernel (where it can) instead of the
+    tiled one: QWEN3_FAST_GROUPED_GEMM=cutlass, or "cutlass" recorded as GPU-verified."""
+    choice = os.environ.get(_CUDA_KERNEL_ENV, "").strip().lower()
+    if choice not in ("", "tiled", "cutlass"):
+        raise ValueError(f"{_CUDA_KERNEL_ENV}={choice!r}: expected 'tiled' or 'cutlass'")
+    return choice == "cutlass" or (
+        choice == "" and "cutlass" in _backend.GPU_VERIFIED.get("grouped_gemm", ()))
 
 
 def _bounds(offsets: Tensor) -> list[int]:
@@ -60,6 +125,12 @@ def grouped_gemm_forward(a: Tensor, b: Tensor, offsets: Tensor, trans_b: bool,
 
         return triton_gemm(a, b, offsets, trans_b)
     n = b.shape[1] if trans_b else b.shape[2]
+    if backend == "cuda" and _cuda_kernel_is_cutlass() and cutlass_usable(a, b, trans_b)[0]:
+        backend = "cutlass"
+    if backend == "cutlass":
+        c = torch.empty((a.shape[0], n), dtype=a.dtype, device=a.device)
+        _cutlass_grouped_gemm(a, b, offsets, c, trans_b)
+        return c
     if backend == "cuda":
         c = torch.empty((a.shape[0], n), dtype=a.dtype, device=a.device)
         _cuda_grouped_gemm(a, b, offsets, c, trans_b)
@@ -91,21 +162,49 @@ def grouped_gemm_wgrad(a: Tensor, dc: Tensor, offsets: Tensor, trans_b: bool,
         from qwen3_fast.ops.triton.grouped_gemm import grouped_gemm_wgrad as triton_wgrad
 
         return triton_wgrad(a, dc, offsets, trans_b, num_groups)
-    if backend == "cuda":
+    if backend == "cuda" and _cuda_kernel_is_cutlass() and _cutlass_ok(a.device, a.dtype, n, k)[0]:
+        backend = "cutlass"
+    if backend in ("cuda", "cutlass"):
         db = torch.empty(shape, dtype=a.dtype, device=a.device)
-        _cuda_grouped_wgrad(*((dc, a) if trans_b else (a, dc)), offsets, db)
+        wgrad = _cutlass_grouped_wgrad if backend == "cutlass" else _cuda_grouped_wgrad
+        wgrad(*((dc, a) if trans_b else (a, dc)), offsets, db)
         return db
-    db = a.new_empty(shape)
+    db = _zeros_untouched(shape, a.dtype)
     bounds = _bounds(offsets)
     for e in range(num_groups):
         lo, hi = bounds[e], bounds[e + 1]
         if hi == lo:
-            db[e].zero_()
-        elif trans_b:
+            continue  # already zero (and, when large, never touched: see _zeros_untouched)
+        if trans_b:
             torch.matmul(dc[lo:hi].t(), a[lo:hi], out=db[e])
         else:
             torch.matmul(a[lo:hi].t(), dc[lo:hi], out=db[e])
     return db
+
+
+# Above this size a CPU weight gradient comes from the OS zero pages (below it torch.zeros).
+_LAZY_ZERO_BYTES = 32 << 20
+
+
+def _zeros_untouched(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """A zero CPU tensor whose pages are only materialized where something is written.
+
+    An MoE weight gradient is as large as the expert weights (1.2 GB for a Qwen3-30B-A3B
+    layer in bf16) but only the experts that received tokens get nonzero rows. torch.zeros
+    would write every byte (and fault in every page); numpy's zeros uses calloc, which for
+    large blocks maps fresh zero pages without touching them. With one token, 8 of 128
+    experts' pages are written, the same bytes as HF's per-expert Linear gradients.
+    """
+    numel = 1
+    for d in shape:
+        numel *= d
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if numel * itemsize < _LAZY_ZERO_BYTES:
+        return torch.zeros(shape, dtype=dtype)
+    import numpy as np
+
+    raw = torch.from_numpy(np.zeros(numel * itemsize, dtype=np.uint8))
+    return raw.view(dtype).view(shape)
 
 
 def _cuda_grouped_gemm(a, b, offsets, c, trans_b):
@@ -117,6 +216,37 @@ def _cuda_grouped_gemm(a, b, offsets, c, trans_b):
 def _cuda_grouped_wgrad(x, y, offsets, out):
     launch("cuda", "grouped_gemm_wgrad", x.device, ptr(x), ptr(y), ptr(offsets), ptr(out),
            x.shape[0], x.shape[1], y.shape[1], out.shape[0], code(x))
+
+
+def _aligned16(t: Tensor) -> Tensor:
+    # TMA needs 16-byte aligned bases; a contiguous row slice of a bigger tensor may not be
+    return t if t.data_ptr() % 16 == 0 else t.clone()
+
+
+def _sm90_workspace(device: torch.device, groups: int) -> Tensor:
+    """Scratch for the CUTLASS launchers (per-group arrays + TMA descriptors), from torch's
+    caching allocator on the current stream (stream-ordered reuse, no cudaMalloc)."""
+    key = (device.index if device.index is not None else torch.cuda.current_device(), groups)
+    nbytes = _SM90_WORKSPACE.get(key)
+    if nbytes is None:
+        with torch.cuda.device(device):  # its size depends on the device's SM count
+            nbytes = int(_ext.extension().grouped_gemm_sm90_workspace_size(groups))
+        _SM90_WORKSPACE[key] = nbytes
+    return torch.empty(nbytes, dtype=torch.uint8, device=device)
+
+
+def _cutlass_grouped_gemm(a, b, offsets, c, trans_b):
+    a, b = _aligned16(a), _aligned16(b)
+    ws = _sm90_workspace(a.device, b.shape[0])
+    launch("cuda", "grouped_gemm_sm90", a.device, ptr(a), ptr(b), ptr(offsets), ptr(c), ptr(ws),
+           ws.numel(), a.shape[0], c.shape[1], a.shape[1], b.shape[0], bool(trans_b), code(a))
+
+
+def _cutlass_grouped_wgrad(x, y, offsets, out):
+    x, y = _aligned16(x), _aligned16(y)
+    ws = _sm90_workspace(x.device, out.shape[0])
+    launch("cuda", "grouped_gemm_sm90_wgrad", x.device, ptr(x), ptr(y), ptr(offsets), ptr(out),
+           ptr(ws), ws.numel(), x.shape[0], x.shape[1], y.shape[1], out.shape[0], code(x))
 
 
 # ------------------------------------------------------------------ custom ops
@@ -181,7 +311,24 @@ def check_offsets(offsets: object, num_groups: int, rows: int, name: str = "offs
     return offsets
 
 
-def grouped_gemm(a: Tensor, b: Tensor, offsets: Tensor, trans_b: bool = False) -> Tensor:
+def _explicit_backend(backend: object, a: Tensor, b: Tensor, trans_b: bool) -> str:
+    """Validates a per-call backend choice against these inputs (ValueError naming it)."""
+    if not isinstance(backend, str) or backend not in GROUPED_GEMM_BACKENDS:
+        raise ValueError(f"backend must be None or one of {', '.join(GROUPED_GEMM_BACKENDS)}, "
+                         f"got {backend!r}")
+    if backend == "cutlass":
+        ok, why = cutlass_usable(a, b, trans_b)
+    else:
+        ok, why = _backend.backend_usable(backend, a.device.type)
+        if ok and backend in ("cuda", "triton") and a.dtype not in _backend.KERNEL_DTYPES:
+            ok, why = False, f"its kernels take {', '.join(map(str, _backend.KERNEL_DTYPES))}, got {a.dtype}"
+    if not ok:
+        raise ValueError(f"backend={backend!r} cannot run here: {why}")
+    return backend
+
+
+def grouped_gemm(a: Tensor, b: Tensor, offsets: Tensor, trans_b: bool = False,
+                 backend: str | None = None) -> Tensor:
     """Per-group matrix product.
 
     Parameters
@@ -190,6 +337,9 @@ def grouped_gemm(a: Tensor, b: Tensor, offsets: Tensor, trans_b: bool = False) -
     b : [E, K, N], or [E, N, K] when ``trans_b`` (a's dtype and device)
     offsets : [E+1] int64, non-decreasing; group e owns rows offsets[e]:offsets[e+1]
     trans_b : use b[e]^T
+    backend : None (the per-device default, or the one forced with ``ops.set_backend``) or
+        one of "reference", "cpu", "cuda", "triton", "cutlass" for this call (forward and
+        backward); ValueError when it cannot run on these inputs.
 
     Returns
     -------
@@ -209,5 +359,8 @@ def grouped_gemm(a: Tensor, b: Tensor, offsets: Tensor, trans_b: bool = False) -
                          f"(trans_b={trans_b})")
     _checks.check_same_device(a, "a", offsets, "offsets")
     check_offsets(offsets, b.shape[0], a.shape[0])
-    backend = _backend.resolve("grouped_gemm", a)
+    if backend is None:
+        backend = _backend.resolve("grouped_gemm", a)
+    else:
+        backend = _explicit_backend(backend, a, b, trans_b)
     return _grouped_gemm_fwd(a, b, offsets, trans_b, backend)
