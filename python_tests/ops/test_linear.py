@@ -81,9 +81,9 @@ def test_leading_dims(device, backend, lead):
 def test_dispatch_uses_the_kernel_only_for_skinny_bf16(monkeypatch, rows, kernel):
     calls = []
 
-    def spy(backend, name, device, *args):
+    def spy(backend, name, device, *args, **kw):
         calls.append(name)
-        return real_launch(backend, name, device, *args)
+        return real_launch(backend, name, device, *args, **kw)
 
     linear_mod = importlib.import_module("qwen3_fast.ops.linear")  # ops.linear is the function
     real_launch = linear_mod.launch
@@ -160,3 +160,25 @@ def test_compile_fullgraph():
 def test_bad_inputs_are_named(bad, exc, match):
     with pytest.raises(exc, match=match):
         bad()
+
+
+def test_weight_streaming_lifts_the_decode_thread_cap(monkeypatch):
+    # The engine caps kernels at one thread for small decode steps; a GEMV that streams a
+    # large weight keeps torch's thread count (one thread cannot use the memory bandwidth),
+    # a small one stays capped.
+    import qwen3_fast.ops._kernel_args as ka
+
+    seen = []
+
+    class FakeC:
+        def linear_cpu(self, *args):
+            seen.append(args[-1])  # the thread count comes last
+
+    monkeypatch.setattr(ka._ext, "extension", lambda: FakeC())
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    with ka.cpu_thread_cap(1):
+        ka.launch("cpu", "linear", torch.device("cpu"), stream_bytes=ka.UNCAPPED_STREAM_BYTES)
+        ka.launch("cpu", "linear", torch.device("cpu"), stream_bytes=ka.UNCAPPED_STREAM_BYTES - 1)
+        ka.launch("cpu", "linear", torch.device("cpu"))
+    ka.launch("cpu", "linear", torch.device("cpu"))
+    assert seen == [4, 1, 1, 4]

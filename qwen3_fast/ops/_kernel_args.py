@@ -41,12 +41,22 @@ def cpu_thread_cap(n: int | None):
         _cpu_thread_cap = before
 
 
-def launch(backend: str, name: str, device: torch.device, *args) -> None:
-    """Call `<name>_<backend>` with the thread count (cpu) or current stream (cuda)."""
+# A CPU kernel that streams at least this many bytes from memory in one call (a decode
+# step's weight GEMV: 2-300 MiB per call for Qwen3-0.6B) ignores the cap: one thread
+# cannot pull memory bandwidth alone, and its work (hundreds of microseconds) dwarfs the
+# cost of a thread team.
+UNCAPPED_STREAM_BYTES = 1 << 20
+
+
+def launch(backend: str, name: str, device: torch.device, *args, stream_bytes: int = 0) -> None:
+    """Call `<name>_<backend>` with the thread count (cpu) or current stream (cuda).
+
+    ``stream_bytes``: bytes the kernel streams from memory (CPU); at least
+    UNCAPPED_STREAM_BYTES lifts the cpu_thread_cap."""
     C = _ext.extension()
     if backend == "cpu":
         threads = torch.get_num_threads()
-        if _cpu_thread_cap is not None:
+        if _cpu_thread_cap is not None and stream_bytes < UNCAPPED_STREAM_BYTES:
             threads = min(threads, _cpu_thread_cap)
         getattr(C, f"{name}_cpu")(*args, threads)
     elif backend == "cuda":

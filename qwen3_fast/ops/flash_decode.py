@@ -88,15 +88,20 @@ def flash_decode_forward(q: Tensor, k_u: Optional[Tensor], k_l: Optional[Tensor]
     if backend == "cuda":
         return _cuda_forward(q, k_u, k_l, k_min, k_scale, v_u, v_l, v_min, v_scale, k_buf,
                              v_buf, n_quant, lengths, precision, group_size, scale, out)
+    # keys + values read (a host read of lengths is free on the CPU): decides whether the
+    # call may use a thread team under the engine's small-step cap (_kernel_args.launch)
+    token_bytes = 2 * hkv * d * (k_buf.element_size() if precision == 16 else precision / 8)
+    stream = int(int(lengths.sum()) * token_bytes)
     if precision == 16:
         launch(backend, "flash_decode", q.device, ptr(q), 0, 0, 0, 0, 0, 0, 0, 0, ptr(k_buf),
                ptr(v_buf), 0, ptr(lengths), ptr(out), b, hq, hkv, n, d, 0, ring, 1, d, 16,
-               scale, code(q))
+               scale, code(q), stream_bytes=stream)
     else:
         launch(backend, "flash_decode", q.device, ptr(q), ptr(k_u), ptr(k_l), ptr(k_min),
                ptr(k_scale), ptr(v_u), ptr(v_l), ptr(v_min), ptr(v_scale), ptr(k_buf),
                ptr(v_buf), ptr(n_quant), ptr(lengths), ptr(out), b, hq, hkv, n, d,
-               v_u.shape[2], ring, group_size, d // v_min.shape[-1], precision, scale, code(q))
+               v_u.shape[2], ring, group_size, d // v_min.shape[-1], precision, scale, code(q),
+               stream_bytes=stream)
     return out
 
 
