@@ -14,61 +14,64 @@
 
 namespace qwen3_fast::cpu::bf16_tile {
 
-constexpr int kNR = 4;  // weight rows per micro-tile: 4 independent loads in flight
+constexpr int kNR = 4;  // weight rows per micro-tile of the default (4 x 4) shape
 constexpr int kMR = 4;  // activation rows per micro-tile: 16 accumulators + 4 + 1 zmm live
 
 inline __m512bh load_bh(const bf16* p, __mmask32 mask) {
   return reinterpret_cast<__m512bh>(_mm512_maskz_loadu_epi16(mask, p));
 }
 
-// y[MR x nr] = x rows [MR, k] . weight rows w[0..nr) (stride k), nr <= kNR.
-template <int MR>
+// y[MR x nr] = x rows [MR, k] . weight rows w[0..nr) (stride k), nr <= NR.
+template <int MR, int NR = kNR>
 void micro_tile(const bf16* x, const bf16* w, int nr, std::int64_t k, bf16* y,
                 std::int64_t ldy) {
-  __m512 acc[MR][kNR];
+  __m512 acc[MR][NR];
 #pragma GCC unroll 16
   for (int i = 0; i < MR; ++i)
 #pragma GCC unroll 16
-    for (int j = 0; j < kNR; ++j) acc[i][j] = _mm512_setzero_ps();
-  const bf16* wr[kNR];
-  for (int j = 0; j < kNR; ++j) wr[j] = w + std::min(j, nr - 1) * k;  // repeat the last row
+    for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
+  const bf16* wr[NR];
+  for (int j = 0; j < NR; ++j) wr[j] = w + std::min(j, nr - 1) * k;  // repeat the last row
   // acc must live in registers: the unroll pragmas (and one loop with the tail mask per
   // step) make GCC scalarize it; without them it kept acc on the stack and stored every
   // accumulator every k step (3x slower at m=8).
   for (std::int64_t k0 = 0; k0 < k; k0 += 32) {
     const std::int64_t left = k - k0;
     const __mmask32 mask = left >= 32 ? ~__mmask32{0} : static_cast<__mmask32>((1u << left) - 1u);
-    __m512bh bv[kNR];
+    __m512bh bv[NR];
 #pragma GCC unroll 16
-    for (int j = 0; j < kNR; ++j) bv[j] = load_bh(wr[j] + k0, mask);
+    for (int j = 0; j < NR; ++j) bv[j] = load_bh(wr[j] + k0, mask);
 #pragma GCC unroll 16
     for (int i = 0; i < MR; ++i) {
       const __m512bh av = load_bh(x + i * k + k0, mask);
 #pragma GCC unroll 16
-      for (int j = 0; j < kNR; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], av, bv[j]);
+      for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], av, bv[j]);
     }
   }
-  // Reduce all kNR accumulators (constant bounds: indexing acc by the runtime nr would
+  // Reduce all NR accumulators (constant bounds: indexing acc by the runtime nr would
   // also pin it to the stack), then write the nr real columns.
-  float sums[MR][kNR];
+  float sums[MR][NR];
 #pragma GCC unroll 16
   for (int i = 0; i < MR; ++i)
 #pragma GCC unroll 16
-    for (int j = 0; j < kNR; ++j) sums[i][j] = _mm512_reduce_add_ps(acc[i][j]);
+    for (int j = 0; j < NR; ++j) sums[i][j] = _mm512_reduce_add_ps(acc[i][j]);
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < nr; ++j) y[i * ldy + j] = from_float<bf16>(sums[i][j]);
 }
 
-// All m rows against weight rows w[0..nr): the weight tile (nr * k * 2 bytes) comes from
-// memory on the first row group and from L1/L2 for the others.
+// All m rows against weight rows w[0..nr), nr <= NR: the weight tile (nr * k * 2 bytes)
+// comes from memory on the first row group and from L1/L2 for the others. Row groups of
+// 16 / NR rows keep MR * NR = 16 accumulators.
+template <int NR = kNR>
 inline void tile_all_rows(const bf16* x, std::int64_t m, const bf16* w, int nr,
                           std::int64_t k, bf16* y, std::int64_t ldy) {
+  constexpr int MR = 16 / NR;
   std::int64_t r = 0;
-  for (; r + kMR <= m; r += kMR) micro_tile<kMR>(x + r * k, w, nr, k, y + r * ldy, ldy);
+  for (; r + MR <= m; r += MR) micro_tile<MR, NR>(x + r * k, w, nr, k, y + r * ldy, ldy);
   switch (m - r) {
-    case 3: micro_tile<3>(x + r * k, w, nr, k, y + r * ldy, ldy); break;
-    case 2: micro_tile<2>(x + r * k, w, nr, k, y + r * ldy, ldy); break;
-    case 1: micro_tile<1>(x + r * k, w, nr, k, y + r * ldy, ldy); break;
+    case 3: micro_tile<3, NR>(x + r * k, w, nr, k, y + r * ldy, ldy); break;
+    case 2: micro_tile<2, NR>(x + r * k, w, nr, k, y + r * ldy, ldy); break;
+    case 1: micro_tile<1, NR>(x + r * k, w, nr, k, y + r * ldy, ldy); break;
     default: break;
   }
 }
