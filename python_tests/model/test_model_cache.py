@@ -209,3 +209,18 @@ def test_8bit_cache_perplexity_within_1_percent():
     print(f"\nperplexity (4 layers, vocab 512, 640 random tokens, G=32): bf16 {ppl['bf16']:.3f}, "
           f"8-bit {ppl['8-bit']:.3f} ({100 * rel8:.3f}%), 4-bit {ppl['4-bit']:.3f} ({100 * rel4:.3f}%)")
     assert rel8 < 0.01
+
+
+def test_rope_tables_grow_geometrically():
+    # decoding one position past the table per step must not rebuild it every step
+    inner = tiny().model
+    inner.config.max_position_embeddings = 40960
+    cos, _ = inner.rope_tables(4000, torch.device("cpu"))
+    assert cos.shape[0] == 4096  # the first table covers 4096 positions
+    cos2, sin2 = inner.rope_tables(4097, torch.device("cpu"))
+    assert cos2.shape[0] == 8192  # doubled, not grown by one
+    assert inner.rope_tables(8192, torch.device("cpu"))[0] is cos2  # reused up to its size
+    assert inner.rope_tables(40000, torch.device("cpu"))[0].shape[0] == 40960  # capped
+    assert inner.rope_tables(50000, torch.device("cpu"))[0].shape[0] == 50000  # beyond: exact
+    ref_cos, ref_sin = inner.rope_tables(8192, torch.device("cpu"))
+    assert torch.equal(ref_cos[:8192], cos2) and torch.equal(ref_sin[:8192], sin2)

@@ -68,10 +68,15 @@ class Qwen3Model(nn.Module):
         self._rope: Optional[tuple] = None  # (device, cos [P, D], sin [P, D]) fp32
 
     def rope_tables(self, needed: int, device: torch.device) -> tuple[Tensor, Tensor]:
-        """cos/sin [P >= needed, D] fp32 on `device`, built once and grown on demand."""
+        """cos/sin [P >= needed, D] fp32 on `device`, built once and grown on demand.
+
+        Growth is geometric (at least double, up to max_position_embeddings): decoding past
+        the table one position per step would otherwise rebuild all of it every step
+        (16 ms at 32K positions on the CPU, more than a small model's whole step)."""
         cached = self._rope
         if cached is None or cached[0] != device or cached[1].shape[0] < needed:
-            size = max(needed, min(self.config.max_position_embeddings, 4096))
+            old = cached[1].shape[0] if cached is not None and cached[0] == device else 0
+            size = max(needed, min(self.config.max_position_embeddings, max(4096, 2 * old)))
             # built as normal tensors even when the first call is an engine's inference_mode
             # rollout: a cached inference tensor could not be saved for a later backward (GRPO)
             with torch.inference_mode(False):
