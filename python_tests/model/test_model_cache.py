@@ -220,7 +220,8 @@ def test_rope_tables_grow_geometrically():
     cos2, sin2 = inner.rope_tables(4097, torch.device("cpu"))
     assert cos2.shape[0] == 8192  # doubled, not grown by one
     assert inner.rope_tables(8192, torch.device("cpu"))[0] is cos2  # reused up to its size
-    assert inner.rope_tables(40000, torch.device("cpu"))[0].shape[0] == 40960  # capped
+    assert inner.rope_tables(40000, torch.device("cpu"))[0].shape[0] == 40000  # a jump: exact
+    assert inner.rope_tables(40001, torch.device("cpu"))[0].shape[0] == 40960  # capped double
     assert inner.rope_tables(50000, torch.device("cpu"))[0].shape[0] == 50000  # beyond: exact
     ref_cos, ref_sin = inner.rope_tables(8192, torch.device("cpu"))
     assert torch.equal(ref_cos[:8192], cos2) and torch.equal(ref_sin[:8192], sin2)
