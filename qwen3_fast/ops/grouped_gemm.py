@@ -11,10 +11,13 @@ Saved for backward: a and b (inputs, alive anyway) and offsets.
 
 Backends: ``cpu`` runs one torch matmul per non-empty group into slices of one output.
 That is deliberate: MKL/oneDNN are the well-kept CPU GEMMs and a group's matmul is a
-plain dense GEMM. The exception is bfloat16 on CPUs with AVX512-BF16 (both
-trans_b forms): there csrc/cpu/grouped_gemm.cpp does all groups in one parallel loop,
-because oneDNN's per-call weight reorder and per-shape kernel builds dominate at ~32 rows
-per expert (measured in bench/bench_moe.py). The weight gradient stays on torch matmul. ``triton``:
+plain dense GEMM. The exception is bfloat16 on CPUs with AVX512-BF16: there
+csrc/cpu/grouped_gemm.cpp does all groups in one parallel loop, because oneDNN's per-call
+weight reorder and per-shape kernel builds dominate small groups. Measured on the
+Qwen3-30B-A3B layer (quiet, 2 cores): the NT form (trans_b, the forward) is 1.7x torch's
+loop at 1 row per expert and equal at 32; the NN form (the backward's dx and dy @ W_down)
+is 1.7x at 1 row but 3x slower at 32, so it only takes groups of <= 2 rows on average
+(NN_KERNEL_ROWS_PER_GROUP). The weight gradient stays on torch matmul. ``triton``:
 ops/triton/grouped_gemm.py (one launch, each program finds its group from offsets).
 ``cuda``: csrc/cuda/grouped_gemm.cu (a shared-memory tiled kernel for sm_80+, each block
 finds its group from the device offsets: no host sync), the correctness baseline.
@@ -50,6 +53,9 @@ _CUDA_KERNEL_ENV = "QWEN3_FAST_GROUPED_GEMM"
 
 
 _NT_BF16: list[bool] = []
+# The C++ NN kernel takes a grouped GEMM up to this many rows per group on average (M <= this
+# times E); above it the per-group torch matmul runs (see grouped_gemm_forward).
+NN_KERNEL_ROWS_PER_GROUP = 2
 
 
 def _nt_bf16_kernel() -> bool:
@@ -139,9 +145,12 @@ def grouped_gemm_forward(a: Tensor, b: Tensor, offsets: Tensor, trans_b: bool,
     c = a.new_empty((a.shape[0], n))
     c[:bounds[0]].zero_()
     c[bounds[-1]:].zero_()
-    if a.dtype == torch.bfloat16 and _nt_bf16_kernel():
+    if a.dtype == torch.bfloat16 and _nt_bf16_kernel() and (
+            trans_b or a.shape[0] <= NN_KERNEL_ROWS_PER_GROUP * b.shape[0]):
         # csrc/cpu/grouped_gemm.cpp: one parallel loop over all experts (see its comment);
-        # NT for the forward GEMMs, NN for the backward's dx and dy @ W_down.
+        # NT for the forward GEMMs, NN for the backward's dx and dy @ W_down while groups
+        # are a row or two (its B panel is not packed: from ~4 rows per group oneDNN's
+        # per-expert GEMM is faster, 3x at 32 rows, measured on the Qwen3-30B-A3B layer).
         launch("cpu", "grouped_gemm_nt_bf16" if trans_b else "grouped_gemm_nn_bf16", a.device,
                ptr(a), ptr(b), ptr(offsets), ptr(c), a.shape[0], n, a.shape[1], b.shape[0])
         return c
@@ -321,7 +330,8 @@ def _explicit_backend(backend: object, a: Tensor, b: Tensor, trans_b: bool) -> s
     else:
         ok, why = _backend.backend_usable(backend, a.device.type)
         if ok and backend in ("cuda", "triton") and a.dtype not in _backend.KERNEL_DTYPES:
-            ok, why = False, f"its kernels take {', '.join(map(str, _backend.KERNEL_DTYPES))}, got {a.dtype}"
+            kinds = ", ".join(map(str, _backend.KERNEL_DTYPES))
+            ok, why = False, f"its kernels take {kinds}, got {a.dtype}"
     if not ok:
         raise ValueError(f"backend={backend!r} cannot run here: {why}")
     return backend
