@@ -5,8 +5,11 @@ Shapes: the Qwen3-30B-A3B layer (H 2048, E 128, top-8, I 768; ``hidden`` id 2048
 1, 16 and 512 tokens, plus a small layer (H 1024, E 16, top-4, I 256; id 1024) that the CI
 smoke filter ``-1-1024-`` selects. bf16 weights and activations, router included (the
 block's ``gate`` linear), forward and forward+backward (gradients for x and every weight).
-The GPU part compares the grouped GEMMs (ours: CUDA tiled kernel and Triton) against
-``torch._grouped_mm`` (when present) and a per-expert cuBLAS loop.
+The GPU part compares the grouped GEMMs (ours: CUTLASS sm_90a, CUDA tiled kernel, Triton)
+against ``torch._grouped_mm`` (when present) and a per-expert cuBLAS loop (impl
+``reference``: the summary's "vs ref" column is the speedup over that loop), both expert
+GEMMs of the layer at 16, 512 and 4096 tokens; extra_info has TFLOP/s and, on H100/H200,
+the fraction of the 989 TFLOP/s dense bf16 peak.
 
     pytest bench/bench_moe.py --benchmark-only   # CPU: 10+ minutes on 2 cores (HF and the
                                                  # reference take seconds per 512-token step)
@@ -21,6 +24,7 @@ import torch
 from qwen3_fast import ops
 from qwen3_fast.model.config import Qwen3Config
 from qwen3_fast.model.moe import Qwen3SparseMoeBlock
+from qwen3_fast.ops.grouped_gemm import sm90_kernel_built
 
 from _ops_common import _NO_CUDA_KERNELS, _NO_GPU, _NO_TRITON, MODES, hf_available
 
@@ -126,34 +130,52 @@ def test_moe_block(benchmark, impl, tokens, hidden, mode):
 
 
 # ------------------------------------------------------------------ GPU grouped GEMM
+_NO_SM90 = pytest.mark.skipif(
+    not (torch.cuda.is_available() and sm90_kernel_built()
+         and torch.cuda.get_device_capability() == (9, 0)),
+    reason="needs a compute capability 9.0 GPU and the sm_90a CUTLASS kernel in the build")
 GPU_IMPLS = [
+    pytest.param("cutlass", id="cuda-cutlass", marks=[pytest.mark.cuda, _NO_SM90]),
     pytest.param("cuda", id="cuda-cuda", marks=[pytest.mark.cuda, _NO_CUDA_KERNELS]),
     pytest.param("triton", id="cuda-triton", marks=[pytest.mark.cuda, _NO_TRITON]),
     pytest.param("torch_grouped_mm", id="cuda-torch_grouped_mm", marks=[pytest.mark.cuda, _NO_GPU]),
     pytest.param("reference", id="cuda-reference", marks=[pytest.mark.cuda, _NO_GPU]),
 ]
+# Dense bf16/fp16 tensor-core peak of an H100/H200 SXM (989 TFLOP/s), for the fraction
+# reported in extra_info; other GPUs get their own fraction only if added here.
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}
+# The layer's two expert GEMMs (forward, trans_b): gate_up x [T*8, H] @ W[E, 2I, H]^T and
+# down act [T*8, I] @ W[E, H, I]^T.
+GEMMS = {"gate_up": (2 * LAYERS[2048][2], 2048), "down": (2048, LAYERS[2048][2])}
 
 
+@pytest.mark.parametrize("gemm", sorted(GEMMS))
 @pytest.mark.parametrize("tokens", [16, 512, 4096])
 @pytest.mark.parametrize("impl", GPU_IMPLS)
-def test_grouped_gemm_gpu(benchmark, impl, tokens):
-    """gate_up GEMM of the 30B-A3B layer: a [T*8, 2048] x b [128, 1536, 2048]^T, bf16."""
-    e, k, inter = LAYERS[2048]
+def test_grouped_gemm_gpu(benchmark, monkeypatch, impl, tokens, gemm):
+    """The 30B-A3B expert GEMMs: a [T*8, K] x b [128, N, K]^T, bf16 (N, K from GEMMS).
+    ``cutlass``: CUTLASS sm_90a; ``cuda``: the tiled kernel; ``reference``: a per-expert
+    cuBLAS loop (torch.matmul per expert, host-side bounds); ``torch_grouped_mm``: torch's
+    own grouped GEMM."""
+    e, k_top, _ = LAYERS[2048]
+    n, k = GEMMS[gemm]
     torch.manual_seed(0)
-    ids = torch.randint(0, e, (tokens * k,), device="cuda")
+    ids = torch.randint(0, e, (tokens * k_top,), device="cuda")
     counts = torch.bincount(ids, minlength=e)
     offsets = torch.zeros(e + 1, dtype=torch.int64, device="cuda")
     offsets[1:] = counts.cumsum(0)
-    a = torch.randn(tokens * k, 2048, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(e, 2 * inter, 2048, device="cuda", dtype=torch.bfloat16) * 0.02
-    if impl in ("cuda", "triton"):
+    a = torch.randn(tokens * k_top, k, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(e, n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+    if impl in ("cuda", "triton", "cutlass"):
+        # "cuda" is the tiled kernel here whatever QWEN3_FAST_GROUPED_GEMM says
+        monkeypatch.setenv("QWEN3_FAST_GROUPED_GEMM", "tiled")
+
         def fn():
-            with ops.use_backend(impl):
-                ops.grouped_gemm(a, b, offsets, trans_b=True)
+            ops.grouped_gemm(a, b, offsets, trans_b=True, backend=impl)
     elif impl == "torch_grouped_mm":
         if not hasattr(torch, "_grouped_mm"):
             pytest.skip("torch._grouped_mm is not in this torch")
-        offs32 = offsets[1:].to(torch.int32)
+        offs32 = offsets[1:].to(torch.int32)  # int32 cumulative group ends
         bt = b.transpose(1, 2)  # [E, K, N] view with column-major inner matrices
 
         def fn():
@@ -162,7 +184,7 @@ def test_grouped_gemm_gpu(benchmark, impl, tokens):
         bounds = offsets.tolist()
 
         def fn():
-            c = torch.empty(a.shape[0], 2 * inter, device="cuda", dtype=a.dtype)
+            c = torch.empty(a.shape[0], n, device="cuda", dtype=a.dtype)
             for i in range(e):
                 if bounds[i + 1] > bounds[i]:
                     torch.matmul(a[bounds[i]:bounds[i + 1]], b[i].t(), out=c[bounds[i]:bounds[i + 1]])
@@ -171,7 +193,13 @@ def test_grouped_gemm_gpu(benchmark, impl, tokens):
         fn()
         torch.cuda.synchronize()
 
-    benchmark.group = f"cuda-grouped_gemm-bf16-T{tokens}-E{e}-N{2 * inter}-K2048"
-    benchmark.extra_info.update(impl=impl, device="cuda",
-                                bytes=2 * (a.numel() + b.numel() + a.shape[0] * 2 * inter))
+    flops = 2 * a.shape[0] * n * k
+    benchmark.group = f"cuda-grouped_gemm-{gemm}-bf16-T{tokens}-E{e}-N{n}-K{k}"
+    benchmark.extra_info.update(impl=impl, device="cuda", flops=flops,
+                                bytes=2 * (a.numel() + b.numel() + a.shape[0] * n))
     benchmark.pedantic(timed, rounds=20, warmup_rounds=3, iterations=1)
+    tflops = flops / benchmark.stats.stats.median / 1e12
+    name = torch.cuda.get_device_name()
+    peak = next((v for key, v in PEAK_TFLOPS.items() if key in name), None)
+    benchmark.extra_info.update(tflops=round(tflops, 2),
+                                fraction_of_peak=round(tflops / peak, 4) if peak else None)

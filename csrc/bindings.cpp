@@ -184,5 +184,13 @@ PYBIND11_MODULE(_C, m) {
   m.def("grouped_gemm_wgrad_cuda", &g::grouped_gemm_wgrad, arg("x"), arg("y"), arg("offsets"),
         arg("out"), arg("m"), arg("p"), arg("q"), arg("groups"), arg("dtype"), arg("stream"),
         nogil);
+  m.def("grouped_gemm_sm90_available", &g::grouped_gemm_sm90_available);
+  m.def("grouped_gemm_sm90_workspace_size", &g::grouped_gemm_sm90_workspace_size, arg("groups"));
+  m.def("grouped_gemm_sm90_cuda", &g::grouped_gemm_sm90, arg("a"), arg("b"), arg("offsets"),
+        arg("c"), arg("workspace"), arg("workspace_size"), arg("m"), arg("n"), arg("k"),
+        arg("groups"), arg("trans_b"), arg("dtype"), arg("stream"), nogil);
+  m.def("grouped_gemm_sm90_wgrad_cuda", &g::grouped_gemm_sm90_wgrad, arg("x"), arg("y"),
+        arg("offsets"), arg("out"), arg("workspace"), arg("workspace_size"), arg("m"), arg("p"),
+        arg("q"), arg("groups"), arg("dtype"), arg("stream"), nogil);
 #endif
 }

@@ -16,6 +16,7 @@ from qwen3_fast import _ext
 def collect() -> dict:
     from qwen3_fast import ops
     from qwen3_fast.ops import _backend
+    from qwen3_fast.ops.grouped_gemm import sm90_kernel_built
 
     built = _ext.extension().build_info() if _ext.available() else {}
     info = {
@@ -33,6 +34,8 @@ def collect() -> dict:
         "cutlass_version": built.get("cutlass_version", ""),
         "cutlass_source": built.get("cutlass_source", "none"),
         "cutlass_in_build": bool(built.get("cutlass_in_build", False)),
+        # the CUTLASS sm_90a grouped GEMM (grouped_gemm(..., backend="cutlass")) is compiled in
+        "grouped_gemm_sm90": sm90_kernel_built(),
         "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "triton_available": _backend.triton_available(),
         "forced_backend": _backend.get_backend(),
@@ -57,7 +60,8 @@ def format_info(info: dict) -> str:
         + (f"  (nvcc {info['cuda_compiler']}, archs {', '.join(info['cuda_archs'])})"
            if info["cuda_kernels_built"] else ""),
         f"CUTLASS: {info['cutlass_version'] or 'not found'} from {info['cutlass_source']}"
-        f" (used in this build: {yes(info['cutlass_in_build'])})",
+        f" (used in this build: {yes(info['cutlass_in_build'])}; sm_90a grouped GEMM: "
+        f"{yes(info['grouped_gemm_sm90'])})",
         f"CUDA device: {info['cuda_device'] or 'none'}",
         f"Triton available: {yes(info['triton_available'])}",
         f"forced backend: {info['forced_backend'] or 'none (per-device default)'}",

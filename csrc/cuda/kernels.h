@@ -74,4 +74,18 @@ void grouped_gemm(ptr a, ptr b, ptr offsets, ptr c, std::int64_t m, std::int64_t
 // out [groups, p, q] = per group x_g^T y_g; x [m, p], y [m, q].
 void grouped_gemm_wgrad(ptr x, ptr y, ptr offsets, ptr out, std::int64_t m, std::int64_t p,
                         std::int64_t q, std::int64_t groups, int dtype, ptr stream);
+// CUTLASS 3.x sm_90a ptr-array grouped GEMM (grouped_gemm_sm90.cu): same arguments as the
+// two launchers above plus a device workspace (16-byte aligned, at least
+// grouped_gemm_sm90_workspace_size(groups) bytes, for the per-group arrays built on the
+// device and CUTLASS's TMA descriptors). float16/bfloat16; n, k (p, q) multiples of 8.
+// available(): this build has the kernel (CUTLASS headers, 90a in the arch list); the
+// launchers also need a compute capability 9.0 device (std::runtime_error otherwise).
+bool grouped_gemm_sm90_available();
+std::int64_t grouped_gemm_sm90_workspace_size(std::int64_t groups);
+void grouped_gemm_sm90(ptr a, ptr b, ptr offsets, ptr c, ptr workspace,
+                       std::int64_t workspace_size, std::int64_t m, std::int64_t n,
+                       std::int64_t k, std::int64_t groups, bool trans_b, int dtype, ptr stream);
+void grouped_gemm_sm90_wgrad(ptr x, ptr y, ptr offsets, ptr out, ptr workspace,
+                             std::int64_t workspace_size, std::int64_t m, std::int64_t p,
+                             std::int64_t q, std::int64_t groups, int dtype, ptr stream);
 }  // namespace qwen3_fast::cuda
