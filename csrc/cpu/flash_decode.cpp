@@ -11,13 +11,18 @@
 // quantized part goes one key group (G tokens) at a time and never dequantizes a token:
 // - keys are stored channel-major in a group ([D, G/2] bytes, token pairs per byte), and
 //   the per-channel scale and min fold into the query: score_t = sum_d (q_d s_d/16) c_dt +
-//   sum_d q_d min_d, so a query channel times a row of codes runs over 32 tokens at once
-//   (GCC vector extensions: 4 query rows x 32 tokens of accumulators stay in registers);
+//   sum_d q_d min_d, so a query channel times a row of codes runs over 32 tokens at once;
 // - values (per token groups along D) accumulate weighted codes: o_d += (p_t s_t/16) c_td
-//   over 32 channels x 4 rows in registers, plus a per-row scalar sum_t p_t min_t added at
-//   the end. Value codes unpack in a split channel order (even channels, then odd: the two
-//   nibbles of a byte), which the quantized-part accumulator keeps. Value groups that are
-//   not a multiple of 32 channels take a per-token dequantize path instead.
+//   over 32 channels, plus a per-row scalar sum_t p_t min_t added at the end. Value codes
+//   unpack in a split channel order (even channels, then odd: the two nibbles of a byte),
+//   which the quantized-part accumulator keeps. Value groups that are not a multiple of 32
+//   channels take a per-token dequantize path instead.
+// Compute, not bandwidth, bounds this at small head counts (a 32K cache of a small model
+// sits in L3): the decode of a tile of codes (nibbles -> one byte 16U + L, i.e. the code + 8
+// with the 8 folded into the min terms, widened and converted once) is shared by all R rows
+// of the call, which sit in one register block (up to 12 rows x 32 lanes with AVX-512), so
+// the verify's R = 10 rows decode each tile once. Scores of a key tile stay in the nibble
+// order (16 even tokens, then 16 odd: tok_of), which softmax and the value pass follow.
 // The dense cache is the buffer-only case (ring = T, n_quant = 0).
 //
 // Verify variant: n > 1 new tokens per sequence; query i sits at p = length - n + i and reads
@@ -29,6 +34,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 #if defined(__AVX2__)
 #include <immintrin.h>
@@ -42,38 +48,93 @@ namespace qwen3_fast::cpu {
 
 namespace {
 constexpr int kBlock = 32;
-constexpr int kRB = 4;   // query rows per register block of the quantized part
 constexpr int kTB = 16;  // code bytes per tile: 32 tokens (keys) or 32 channels (values)
 
-typedef float v8f __attribute__((vector_size(32)));
-typedef std::int32_t v8i __attribute__((vector_size(32)));
-typedef std::uint8_t v8b __attribute__((vector_size(8)));
-
-// 8 bytes -> 8 int32. GCC scalarizes __builtin_convertvector from bytes (movzbl/pinsrd per
-// lane, measured: it made the codes path slower than bf16), so AVX2 uses vpmovzxbd.
-__attribute__((always_inline)) inline v8i load8(const std::uint8_t* p) {
-#if defined(__AVX2__)
-  return reinterpret_cast<v8i>(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+// One register block covers up to kMaxRB query rows, so that a tile of codes is decoded once
+// for all R = (Hq/Hkv) * n rows of a call (the verify's 10 rows at Hq/Hkv = 2, n = 5 in one
+// block): the decode (byte unpacking and int -> float) is the shared part and the FMAs the
+// per-row part. AVX-512: 16-lane vectors, rows x 2 accumulators <= 24 of 32 registers.
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+constexpr int kW = 16;
+constexpr int kMaxRB = 12;
 #else
-  v8b b;
-  std::memcpy(&b, p, sizeof(b));
-  return __builtin_convertvector(b, v8i);
+constexpr int kW = 8;
+constexpr int kMaxRB = 4;
+#endif
+constexpr int kNV = kTB / kW;  // vectors per half tile (16 even or 16 odd codes)
+
+typedef float vf __attribute__((vector_size(kW * 4)));
+typedef std::int32_t vi __attribute__((vector_size(kW * 4)));
+typedef std::uint8_t v16b __attribute__((vector_size(16)));
+
+// Not vf{} + x: adding +0.0f is no identity (-0 + 0 = +0), so GCC keeps a scalar add.
+__attribute__((always_inline)) inline vf splat(float x) {
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+  return reinterpret_cast<vf>(_mm512_set1_ps(x));
+#else
+  return vf{x, x, x, x, x, x, x, x};
 #endif
 }
-__attribute__((always_inline)) inline v8f splat(float x) { return v8f{x, x, x, x, x, x, x, x}; }
 
-// Codes (in units of s/16) of the low and high nibbles of 8 bytes of U (and L).
+// kW bytes -> kW floats. GCC scalarizes __builtin_convertvector from bytes (movzbl/pinsrd
+// per lane, measured), so x86 uses vpmovzxbd.
+__attribute__((always_inline)) inline vf bytes_to_float(const std::uint8_t* p) {
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+  const __m512i w = _mm512_maskz_cvtepu8_epi32(0xFFFF, _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return __builtin_convertvector(reinterpret_cast<vi>(w), vf);
+#elif defined(__AVX2__)
+  const __m256i w = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  return __builtin_convertvector(reinterpret_cast<vi>(w), vf);
+#else
+  typedef std::uint8_t vb __attribute__((vector_size(kW)));
+  vb b;
+  std::memcpy(&b, p, sizeof(b));
+  return __builtin_convertvector(__builtin_convertvector(b, vi), vf);
+#endif
+}
+
+// Codes of 16 packed bytes of U (and L): c[0..kNV) the low nibbles (elements 2i), c[kNV..)
+// the high ones (2i + 1), as 16U + L (8-bit; the code plus 8, the 8 folded into the min
+// terms by the callers) or 16U (4-bit). The two nibbles combine into one byte first
+// (16-byte vector ops), so the widening and int -> float run once per code.
 template <int PREC>
-__attribute__((always_inline)) inline void codes8(const std::uint8_t* u, const std::uint8_t* l,
-                                                  v8f& lo, v8f& hi) {
-  const v8i ub = load8(u);
+__attribute__((always_inline)) inline void codes16(const std::uint8_t* u, const std::uint8_t* l,
+                                                   vf* c) {
+  v16b ub, lo, hi;
+  std::memcpy(&ub, u, 16);
   if constexpr (PREC == 8) {
-    const v8i lb = load8(l);
-    lo = __builtin_convertvector(((ub & 15) << 4) + (lb & 15) - 8, v8f);
-    hi = __builtin_convertvector((ub & 0xF0) + (lb >> 4) - 8, v8f);
+    v16b lb;
+    std::memcpy(&lb, l, 16);
+    lo = ((ub << 4) & 0xF0) | (lb & 0x0F);
+    hi = (ub & 0xF0) | (lb >> 4);
   } else {
-    lo = __builtin_convertvector((ub & 15) << 4, v8f);
-    hi = __builtin_convertvector(ub & 0xF0, v8f);
+    lo = (ub << 4) & 0xF0;
+    hi = ub & 0xF0;
+  }
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+  c[0] = __builtin_convertvector(reinterpret_cast<vi>(_mm512_maskz_cvtepu8_epi32(0xFFFF, reinterpret_cast<__m128i>(lo))), vf);
+  c[1] = __builtin_convertvector(reinterpret_cast<vi>(_mm512_maskz_cvtepu8_epi32(0xFFFF, reinterpret_cast<__m128i>(hi))), vf);
+#else
+  alignas(16) std::uint8_t buf[32];
+  std::memcpy(buf, &lo, 16);
+  std::memcpy(buf + 16, &hi, 16);
+  for (int i = 0; i < 2 * kNV; ++i) c[i] = bytes_to_float(buf + i * kW);
+#endif
+}
+
+// Position k of a key group's score row -> token offset in the group. Whole tiles of 32
+// tokens hold the 16 even tokens, then the 16 odd ones (the nibble order of the packed
+// bytes, so the decode needs no interleave); a tail (full <= k) is in token order.
+__attribute__((always_inline)) inline std::int64_t tok_of(std::int64_t k, std::int64_t full) {
+  return k < full ? ((k & ~std::int64_t{31}) | ((k & 15) << 1) | ((k >> 4) & 1)) : k;
+}
+
+// Calls f(std::integral_constant<int, nr>) for 1 <= nr <= N.
+template <int N, typename F>
+__attribute__((always_inline)) inline void with_rows(std::int64_t nr, F&& f) {
+  if constexpr (N >= 1) {
+    if (nr == N) f(std::integral_constant<int, N>{});
+    else with_rows<N - 1>(nr, f);
   }
 }
 
@@ -138,41 +199,50 @@ inline void unpack_codes(const std::uint8_t* u, const std::uint8_t* l, float* ou
   }
 }
 
-// Thread scratch for one item. Quantized-part arrays have Rp = R rounded up to kRB rows;
-// rows >= R stay zero (their scores and weights are never written).
+// Thread scratch for one item.
 struct Scratch {
   std::vector<float> qn, accn, accs, kf, vf, s, m, l, kst, kmn;
-  std::vector<float> qk, qm, accm, vsk, vmk;
+  std::vector<float> qk, qm, accm, vsk, vmk, ws;
   std::vector<std::int64_t> limit, nqr, lo, hi;  // per row: position, nq_i, pass bounds
   std::int64_t ld = kBlock;  // row stride of s
   std::int64_t ngv = 1;      // value groups per token
   void init(std::int64_t R, std::int64_t D, std::int64_t ngv, std::int64_t G) {
-    const std::int64_t Rp = (R + kRB - 1) / kRB * kRB;
     ld = std::max<std::int64_t>(kBlock, G);
     qn.assign(R * D, 0); accn.assign(R * D, 0); accs.assign(R * D, 0);
-    kf.assign(D, 0); vf.assign(D, 0); s.assign(Rp * ld, 0); m.assign(R, 0); l.assign(R, 0);
+    kf.assign(D, 0); vf.assign(D, 0); s.assign(R * ld, 0); m.assign(R, 0); l.assign(R, 0);
     kst.assign(D, 0); kmn.assign(D, 0); limit.assign(R, 0);
     nqr.assign(R, 0); lo.assign(R, 0); hi.assign(R, 0);
     this->ngv = ngv;
-    qk.assign(Rp * D, 0); qm.assign(Rp, 0); accm.assign(R * ngv, 0);
-    vsk.assign(ngv * G, 0); vmk.assign(ngv * G, 0);
+    qk.assign(R * D, 0); qm.assign(R, 0); accm.assign(R * ngv, 0);
+    vsk.assign(ngv * G, 0); vmk.assign(ngv * G, 0); ws.assign(R * ld, 0);
   }
 };
 
 // Online-softmax update of R rows with a block of `nb` scores (row stride sc.ld) for
-// tokens t0.. in token order, row r taking tokens in [sc.lo[r], sc.hi[r]] (the pass's
-// bounds); fills sc.s with the probabilities and rescales the accumulators.
+// tokens t0 + tok_of(j, full), row r taking tokens in [sc.lo[r], sc.hi[r]] (the pass's
+// bounds); fills sc.s with the probabilities and rescales the accumulators. full = 0: token
+// order (the ring).
 inline void softmax_block(Scratch& sc, std::int64_t R, std::int64_t D, std::int64_t nb,
-                          std::int64_t t0) {
+                          std::int64_t t0, std::int64_t full) {
   const std::int64_t ngv = sc.ngv;
   for (std::int64_t r = 0; r < R; ++r) {
     float* sr = sc.s.data() + r * sc.ld;
     const std::int64_t lo = sc.lo[r], hi = sc.hi[r];
+    if (lo > t0 + nb - 1 || hi < t0) {  // no token of the block: nothing changes
+      std::fill(sr, sr + nb, 0.0f);
+      continue;
+    }
     float mx = sc.m[r];
-    for (std::int64_t j = 0; j < nb; ++j) {
-      const bool ok = t0 + j >= lo && t0 + j <= hi;
-      sr[j] = ok ? sr[j] : -INFINITY;
-      mx = sr[j] > mx ? sr[j] : mx;
+    if (lo <= t0 && hi >= t0 + nb - 1) {  // the whole block (all rows of a decode step)
+#pragma omp simd reduction(max : mx)
+      for (std::int64_t j = 0; j < nb; ++j) mx = sr[j] > mx ? sr[j] : mx;
+    } else {
+      for (std::int64_t j = 0; j < nb; ++j) {
+        const std::int64_t t = t0 + tok_of(j, full);
+        const bool ok = t >= lo && t <= hi;
+        sr[j] = ok ? sr[j] : -INFINITY;
+        mx = sr[j] > mx ? sr[j] : mx;
+      }
     }
     const float alpha = vexp(sc.m[r] - mx);
     float sum = 0.0f;
@@ -192,39 +262,37 @@ inline void softmax_block(Scratch& sc, std::int64_t R, std::int64_t D, std::int6
   }
 }
 
-// Scores of kRB query rows (qk: [kRB, D] with s/16 folded in, qm: [kRB] the min terms)
-// against 32 tokens of one key group: u, l point at the tile's first byte of channel 0,
-// channels `pairs` bytes apart. Writes s[r * ld + j], j = 0..31 in token order, rows < nr.
-template <int PREC>
+// Scores of NR query rows (qk: [NR, D] with s/16 folded in, qm: [NR] the min terms) against
+// 32 tokens of one key group: u, l point at the tile's first byte of channel 0, channels
+// `pairs` bytes apart. Writes s[r * ld + j], j = 0..31 in tile order (tok_of).
+template <int PREC, int NR>
 inline void key_tile(const std::uint8_t* u, const std::uint8_t* l, std::int64_t pairs,
                      const float* qk, const float* qm, std::int64_t D, float* s,
-                     std::int64_t ld, std::int64_t nr) {
-  v8f ae[kRB][2], ao[kRB][2];  // even / odd tokens
-  for (int r = 0; r < kRB; ++r) {
-    ae[r][0] = ae[r][1] = ao[r][0] = ao[r][1] = splat(qm[r]);
+                     std::int64_t ld) {
+  vf acc[NR][2 * kNV];
+#pragma GCC unroll 16
+  for (int r = 0; r < NR; ++r) {
+#pragma GCC unroll 4
+    for (int i = 0; i < 2 * kNV; ++i) acc[r][i] = splat(qm[r]);
   }
   for (std::int64_t d = 0; d < D; ++d) {
-    v8f ce[2], co[2];
-    codes8<PREC>(u + d * pairs, l + d * pairs, ce[0], co[0]);
-    codes8<PREC>(u + d * pairs + 8, l + d * pairs + 8, ce[1], co[1]);
-    for (int r = 0; r < kRB; ++r) {
-      const v8f qv = splat(qk[r * D + d]);
-      ae[r][0] += qv * ce[0]; ae[r][1] += qv * ce[1];
-      ao[r][0] += qv * co[0]; ao[r][1] += qv * co[1];
+    vf c[2 * kNV];
+    codes16<PREC>(u + d * pairs, l + d * pairs, c);
+#pragma GCC unroll 16
+    for (int r = 0; r < NR; ++r) {
+      const vf qv = splat(qk[r * D + d]);
+#pragma GCC unroll 4
+      for (int i = 0; i < 2 * kNV; ++i) acc[r][i] += qv * c[i];
     }
   }
-  for (std::int64_t r = 0; r < nr; ++r) {
-    float* sr = s + r * ld;
-    for (int h = 0; h < 2; ++h) {
-      for (int i = 0; i < 8; ++i) {
-        sr[2 * (8 * h + i)] = ae[r][h][i];
-        sr[2 * (8 * h + i) + 1] = ao[r][h][i];
-      }
-    }
+#pragma GCC unroll 16
+  for (int r = 0; r < NR; ++r) {
+#pragma GCC unroll 4
+    for (int i = 0; i < 2 * kNV; ++i) std::memcpy(s + r * ld + i * kW, &acc[r][i], sizeof(vf));
   }
 }
 
-// The same for a tail of w < kTB bytes (2w tokens), scalar.
+// The same for a tail of w < kTB bytes (2w tokens, token order), scalar.
 template <int PREC>
 inline void key_tail(const std::uint8_t* u, const std::uint8_t* l, std::int64_t pairs, int w,
                      const float* qk, const float* qm, std::int64_t D, float* s,
@@ -236,8 +304,7 @@ inline void key_tail(const std::uint8_t* u, const std::uint8_t* l, std::int64_t 
       const float qv = qk[r * D + d];
       for (int i = 0; i < w; ++i) {
         const int ub = u[d * pairs + i], lb = PREC == 8 ? l[d * pairs + i] : 0;
-        const int c0 = PREC == 8 ? kv_code_from(kv_lo(ub), kv_lo(lb)) : 16 * kv_lo(ub);
-        const int c1 = PREC == 8 ? kv_code_from(kv_hi(ub), kv_hi(lb)) : 16 * kv_hi(ub);
+        const int c0 = 16 * kv_lo(ub) + kv_lo(lb), c1 = 16 * kv_hi(ub) + kv_hi(lb);
         sr[2 * i] += qv * static_cast<float>(c0);
         sr[2 * i + 1] += qv * static_cast<float>(c1);
       }
@@ -245,34 +312,72 @@ inline void key_tail(const std::uint8_t* u, const std::uint8_t* l, std::int64_t 
   }
 }
 
-// Weighted value codes of `nt` tokens for kRB rows over one tile of 32 channels (16 bytes
-// at byte b0 of each token row, rows `half` bytes apart): acc[r][b0 + i] += even channel
-// 2(b0 + i), acc[r][half + b0 + i] += odd; the weight of token t is p[r * ld + t] * st[t]
-// (st: the tile's value-group scale / 16 per token).
-template <int PREC>
+// Weighted value codes of `nt` score positions for NR rows over one tile of 32 channels (16
+// bytes at byte b0 of each token row, rows `half` bytes apart; position k is token
+// tok_of(k, full)): acc[r][b0 + i] += even channel 2(b0 + i), acc[r][half + b0 + i] += odd,
+// weighted by w[r * ld + k] (the probability times the token's value scale / 16).
+template <int PREC, int NR>
 inline void value_tile(const std::uint8_t* u, const std::uint8_t* l, std::int64_t half,
-                       std::int64_t nt, const float* p, std::int64_t ld, const float* st,
-                       float* acc, std::int64_t D, std::int64_t b0, std::int64_t nr) {
-  v8f ae[kRB][2] = {}, ao[kRB][2] = {};
-  for (std::int64_t t = 0; t < nt; ++t) {
-    v8f ce[2], co[2];
-    codes8<PREC>(u + t * half, l + t * half, ce[0], co[0]);
-    codes8<PREC>(u + t * half + 8, l + t * half + 8, ce[1], co[1]);
-    for (int r = 0; r < kRB; ++r) {
-      const v8f w = splat(p[r * ld + t] * st[t]);
-      ae[r][0] += w * ce[0]; ae[r][1] += w * ce[1];
-      ao[r][0] += w * co[0]; ao[r][1] += w * co[1];
+                       std::int64_t nt, std::int64_t full, const float* w, std::int64_t ld,
+                       float* acc, std::int64_t D, std::int64_t b0) {
+  vf a[NR][2 * kNV];
+#pragma GCC unroll 16
+  for (int r = 0; r < NR; ++r) {
+#pragma GCC unroll 4
+    for (int i = 0; i < 2 * kNV; ++i) a[r][i] = vf{};
+  }
+  for (std::int64_t k = 0; k < nt; ++k) {
+    const std::int64_t t = tok_of(k, full);
+    vf c[2 * kNV];
+    codes16<PREC>(u + t * half, l + t * half, c);
+#pragma GCC unroll 16
+    for (int r = 0; r < NR; ++r) {
+      const vf wv = splat(w[r * ld + k]);
+#pragma GCC unroll 4
+      for (int i = 0; i < 2 * kNV; ++i) a[r][i] += wv * c[i];
     }
   }
-  for (std::int64_t r = 0; r < nr; ++r) {
+#pragma GCC unroll 16
+  for (int r = 0; r < NR; ++r) {
     float* ar = acc + r * D;
-    for (int h = 0; h < 2; ++h) {
-      for (int i = 0; i < 8; ++i) {
-        ar[b0 + 8 * h + i] += ae[r][h][i];
-        ar[half + b0 + 8 * h + i] += ao[r][h][i];
+#pragma GCC unroll 4
+    for (int i = 0; i < kNV; ++i) {
+      vf e, o;
+      std::memcpy(&e, ar + b0 + i * kW, sizeof(vf));
+      std::memcpy(&o, ar + half + b0 + i * kW, sizeof(vf));
+      e += a[r][i];
+      o += a[r][kNV + i];
+      std::memcpy(ar + b0 + i * kW, &e, sizeof(vf));
+      std::memcpy(ar + half + b0 + i * kW, &o, sizeof(vf));
+    }
+  }
+}
+
+// dst[j] = src[tok_of(j, full) * stride] * mul for j < n (per-token value scales or mins
+// of a group in score order). stride 1 (one value group per token) gets its own loop, which
+// GCC vectorizes (the conversion was 14% of a decode step as a scalar loop).
+template <typename T>
+inline void to_split_order(const T* src, std::int64_t stride, float mul, float* dst,
+                           std::int64_t n, std::int64_t full) {
+  if (stride == 1) {
+    for (std::int64_t b = 0; b < full; b += 2 * kTB) {
+#pragma omp simd
+      for (int i = 0; i < kTB; ++i) {
+        dst[b + i] = to_float(src[b + 2 * i]) * mul;
+        dst[b + kTB + i] = to_float(src[b + 2 * i + 1]) * mul;
       }
     }
+  } else {
+    for (std::int64_t j = 0; j < full; ++j) dst[j] = to_float(src[tok_of(j, full) * stride]) * mul;
   }
+  for (std::int64_t j = full; j < n; ++j) dst[j] = to_float(src[j * stride]) * mul;
+}
+
+// Row blocks of at most kMaxRB rows, as even as possible: calls f(r0, nr).
+template <typename F>
+inline void row_blocks(std::int64_t R, F&& f) {
+  const std::int64_t nb = (R + kMaxRB - 1) / kMaxRB, per = (R + nb - 1) / nb;
+  for (std::int64_t r0 = 0; r0 < R; r0 += per) f(r0, std::min(per, R - r0));
 }
 
 template <typename T, int PREC>
@@ -301,7 +406,10 @@ void run_item(const FD<T>& a, const Item& it, Scratch& sc, float* o_part, float*
   if constexpr (PREC != 16) {
     const std::int64_t qe = std::min(it.t1, nq);
     const std::int64_t G = a.G, pairs = G / 2, ng = a.Tq / G;
+    const std::int64_t full = pairs / kTB * 2 * kTB;  // positions in whole tiles
     const bool fast_values = a.Gv % 32 == 0;
+    // the 8-bit codes come as c + 8 (codes16): 8 code units fold into the min terms
+    const float off = PREC == 8 ? 8.0f : 0.0f;
     for (std::int64_t t0 = it.t0; t0 < qe; t0 += G) {
       const std::int64_t g = t0 / G;
       // fold the group's per-channel scale/16 and min into the query rows
@@ -317,34 +425,34 @@ void run_item(const FD<T>& a, const Item& it, Scratch& sc, float* o_part, float*
         float mterm = 0.0f;
         for (std::int64_t d = 0; d < D; ++d) {
           qk[d] = qn[d] * sc.kst[d];
-          mterm += qn[d] * sc.kmn[d];
+          mterm += qn[d] * (sc.kmn[d] - off * sc.kst[d]);
         }
         sc.qm[r] = mterm;
       }
       const std::uint8_t* ug = a.ku + (bh * ng + g) * D * pairs;
       const std::uint8_t* lg = a.kl + (bh * ng + g) * D * pairs;
-      for (std::int64_t rb = 0; rb < R; rb += kRB) {
-        const std::int64_t nr = std::min<std::int64_t>(kRB, R - rb);
-        const float* qk = sc.qk.data() + rb * D;
-        const float* qm = sc.qm.data() + rb;
-        float* s = sc.s.data() + rb * sc.ld;
+      row_blocks(R, [&](std::int64_t r0, std::int64_t nr) {
+        const float* qk = sc.qk.data() + r0 * D;
+        const float* qm = sc.qm.data() + r0;
+        float* s = sc.s.data() + r0 * sc.ld;
         std::int64_t j0 = 0;
-        for (; j0 + kTB <= pairs; j0 += kTB)
-          key_tile<PREC>(ug + j0, lg + j0, pairs, qk, qm, D, s + 2 * j0, sc.ld, nr);
+        for (; j0 + kTB <= pairs; j0 += kTB) {
+          with_rows<kMaxRB>(nr, [&](auto NR) {
+            key_tile<PREC, decltype(NR)::value>(ug + j0, lg + j0, pairs, qk, qm, D, s + 2 * j0, sc.ld);
+          });
+        }
         if (j0 < pairs)
           key_tail<PREC>(ug + j0, lg + j0, pairs, static_cast<int>(pairs - j0), qk, qm, D,
                          s + 2 * j0, sc.ld, nr);
-      }
-      softmax_block(sc, R, D, G, t0);
-      // values of the group: per-token scale/16 and min per value group, token order
+      });
+      softmax_block(sc, R, D, G, t0, full);
+      // values of the group: per-token scale/16 and min per value group, in score order
       const std::int64_t row0 = bh * a.Tq + t0;
       const T* vs = a.vscale + row0 * ngv;
       const T* vm = a.vmin + row0 * ngv;
-      for (std::int64_t t = 0; t < G; ++t) {
-        for (std::int64_t k = 0; k < ngv; ++k) {
-          sc.vsk[k * G + t] = to_float(vs[t * ngv + k]) * 0.0625f;
-          sc.vmk[k * G + t] = to_float(vm[t * ngv + k]);
-        }
+      for (std::int64_t k = 0; k < ngv; ++k) {
+        to_split_order(vs + k, ngv, 0.0625f, sc.vsk.data() + k * G, G, full);
+        to_split_order(vm + k, ngv, 1.0f, sc.vmk.data() + k * G, G, full);
       }
       if (fast_values) {
         const std::uint8_t* vug = a.vu + row0 * half;
@@ -353,28 +461,40 @@ void run_item(const FD<T>& a, const Item& it, Scratch& sc, float* o_part, float*
           const float* pr = sc.s.data() + r * sc.ld;
           for (std::int64_t k = 0; k < ngv; ++k) {
             const float* mk = sc.vmk.data() + k * G;
+            const float* sk = sc.vsk.data() + k * G;
             float acc = 0.0f;
 #pragma omp simd reduction(+ : acc)
-            for (std::int64_t t = 0; t < G; ++t) acc += pr[t] * mk[t];
+            for (std::int64_t t = 0; t < G; ++t) acc += pr[t] * (mk[t] - off * sk[t]);
             sc.accm[r * ngv + k] += acc;
           }
         }
-        for (std::int64_t rb = 0; rb < R; rb += kRB) {
-          const std::int64_t nr = std::min<std::int64_t>(kRB, R - rb);
-          for (std::int64_t b0 = 0; b0 < half; b0 += kTB) {
-            const std::int64_t k = 2 * b0 / a.Gv;  // the tile's 32 channels share a group
-            value_tile<PREC>(vug + b0, vlg + b0, half, G, sc.s.data() + rb * sc.ld, sc.ld,
-                             sc.vsk.data() + k * G, sc.accs.data() + rb * D, D, b0, nr);
+        for (std::int64_t b0 = 0; b0 < half; b0 += kTB) {
+          const std::int64_t k = 2 * b0 / a.Gv;  // the tile's 32 channels share a group
+          if (b0 == 0 || 2 * b0 % a.Gv == 0) {  // weights: probability x value scale / 16
+            const float* sk = sc.vsk.data() + k * G;
+            for (std::int64_t r = 0; r < R; ++r) {
+              const float* pr = sc.s.data() + r * sc.ld;
+              float* wr = sc.ws.data() + r * sc.ld;
+#pragma omp simd
+              for (std::int64_t t = 0; t < G; ++t) wr[t] = pr[t] * sk[t];
+            }
           }
+          row_blocks(R, [&](std::int64_t r0, std::int64_t nr) {
+            with_rows<kMaxRB>(nr, [&](auto NR) {
+              value_tile<PREC, decltype(NR)::value>(vug + b0, vlg + b0, half, G, full,
+                                                    sc.ws.data() + r0 * sc.ld, sc.ld,
+                                                    sc.accs.data() + r0 * D, D, b0);
+            });
+          });
         }
       } else {  // value groups narrower than a tile: dequantize token by token
         const std::int64_t gh = a.Gv / 2;  // split-order channels per value group, per half
-        for (std::int64_t t = 0; t < G; ++t) {
-          const std::int64_t row = row0 + t;
+        for (std::int64_t j = 0; j < G; ++j) {
+          const std::int64_t row = row0 + tok_of(j, full);
           unpack_codes<PREC>(a.vu + row * half, a.vl + row * half, sc.vf.data(), half);
           float* vf = sc.vf.data();
           for (std::int64_t k = 0; k < ngv; ++k) {
-            const float st = sc.vsk[k * G + t], mn = sc.vmk[k * G + t];
+            const float st = sc.vsk[k * G + j], mn = sc.vmk[k * G + j];
 #pragma omp simd
             for (std::int64_t i = k * gh; i < (k + 1) * gh; ++i) {
               vf[i] = vf[i] * st + mn;
@@ -382,7 +502,7 @@ void run_item(const FD<T>& a, const Item& it, Scratch& sc, float* o_part, float*
             }
           }
           for (std::int64_t r = 0; r < R; ++r) {
-            const float p = sc.s[r * sc.ld + t];
+            const float p = sc.s[r * sc.ld + j];
             if (p != 0.0f) axpy(sc.accs.data() + r * D, p, vf, D);
           }
         }
@@ -404,7 +524,7 @@ void run_item(const FD<T>& a, const Item& it, Scratch& sc, float* o_part, float*
       for (std::int64_t d = 0; d < D; ++d) kf[d] = to_float(kr[d]);
       for (std::int64_t r = 0; r < R; ++r) sc.s[r * sc.ld + j] = dot(sc.qn.data() + r * D, kf, D);
     }
-    softmax_block(sc, R, D, nb, t0);
+    softmax_block(sc, R, D, nb, t0, 0);
     for (int j = 0; j < nb; ++j) {
       const T* vr = a.vbuf + (bh * a.ring + (t0 + j) % a.ring) * D;
       float* vf = sc.vf.data();
