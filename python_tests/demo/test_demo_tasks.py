@@ -4,8 +4,8 @@ import random
 
 import pytest
 
-from qwen3_fast.demo.tasks import (TASKS, extract_answer, make_problem, problems, task_reward,
-                                   verify)
+from qwen3_fast.demo.tasks import (LEVELS, TASKS, extract_answer, make_problem, problems,
+                                   task_reward, verify)
 
 
 def _eval_steps(p):
@@ -20,12 +20,13 @@ def _eval_steps(p):
     return last
 
 
+@pytest.mark.parametrize("level", LEVELS)
 @pytest.mark.parametrize("task", TASKS)
-def test_solutions_are_right(task):
+def test_solutions_are_right(task, level):
     rng = random.Random(task)
     for _ in range(200):
-        p = make_problem(task, rng)
-        assert p.task == task and p.question and p.reasoning and p.answer
+        p = make_problem(task, rng, level)
+        assert p.task == task and p.level == level and p.question and p.reasoning and p.answer
         assert verify(task, p.answer, p.answer)
         if task in ("sum", "word", "convert"):
             assert str(_eval_steps(p)) == p.answer
@@ -46,6 +47,20 @@ def test_seeded_and_cycles_tasks():
     assert a == b
     assert problems(30, seed=6) != a
     assert [p.task for p in a[:len(TASKS)]] == list(TASKS)
+
+
+def test_levels_mix_evenly_and_level_1_is_shorter():
+    ps = problems(240, seed=3, levels=LEVELS)
+    assert [p.level for p in ps[:2 * len(TASKS)]] == [1] * len(TASKS) + [2] * len(TASKS)
+    assert sum(p.level == 1 for p in ps) == 120
+    assert ps[0].rl_record()["level"] == 1
+    for task in TASKS:  # fewer solution steps (or the same) at level 1, on average fewer
+        steps = {lv: [len(p.reasoning.splitlines()) for p in ps if p.task == task
+                      and p.level == lv] for lv in LEVELS}
+        assert max(steps[1]) <= max(steps[2])
+        assert sum(steps[1]) / len(steps[1]) <= sum(steps[2]) / len(steps[2])
+    with pytest.raises(ValueError, match="level"):
+        make_problem("sum", random.Random(0), 3)
 
 
 def test_exclude_keeps_held_out_questions_out():

@@ -9,6 +9,8 @@
                               distillation prompts)
     eval.jsonl                held-out RL records (another seed; excluded from all training)
 
+Every file holds both difficulty levels of every task in equal parts (tasks.py).
+
 The tokenizer is a byte-level BPE trained with the `tokenizers` library on a sample of all
 of the above (rendered in the chat format), carrying the 26 Qwen3 added tokens
 (qwen3_fast.tokenizer_train.train_qwen_bpe); digits stay single tokens (Qwen's split regex).
@@ -20,9 +22,14 @@ import os
 import random
 
 from qwen3_fast.chat_format import render_chat
-from qwen3_fast.demo.tasks import Problem, problems
+from qwen3_fast.demo.tasks import LEVELS, Problem, problems as _problems
 
 EVAL_SEED = 999_983
+
+
+def problems(n: int, seed: int, exclude=None) -> list[Problem]:
+    """Every data file mixes the difficulty levels evenly (tasks.py docstring)."""
+    return _problems(n, seed, exclude=exclude, levels=LEVELS)
 
 
 def _worked(p: Problem) -> str:

@@ -41,10 +41,14 @@ def _accuracy(records, outs) -> dict:
     per_task: dict = {}
     for r, good in zip(records, ok):
         per_task.setdefault(r["task"], []).append(good)
+    per_level: dict = {}
+    for r, good in zip(records, ok):
+        per_level.setdefault(str(r.get("level", 2)), []).append(good)
     multi = [g for r, g in zip(records, ok) if r["task"] in MULTI_STEP_TASKS]
     return {"acc": sum(ok) / len(ok),
             "acc_multi_step": sum(multi) / len(multi) if multi else 0.0,
-            "per_task": {t: sum(v) / len(v) for t, v in sorted(per_task.items())}}
+            "per_task": {t: sum(v) / len(v) for t, v in sorted(per_task.items())},
+            "per_level": {t: sum(v) / len(v) for t, v in sorted(per_level.items())}}
 
 
 def load_llm(model_dir: str, max_batch_size: int, max_seq_len: int = 512, **kw):
@@ -68,6 +72,8 @@ def evaluate_modes(llm, records: Sequence[dict], max_think_tokens: int,
            "acc_think_multi_step": a_think["acc_multi_step"],
            "acc_no_think_multi_step": a_plain["acc_multi_step"],
            "per_task_think": a_think["per_task"], "per_task_no_think": a_plain["per_task"],
+           "per_level_think": a_think["per_level"],
+           "per_level_no_think": a_plain["per_level"], "eval_problems": len(records),
            "think_reply_tokens": sum(len(o.token_ids) for o in think) / len(think)}
     if follow:  # the soft switches, with thinking enabled in the template (Qwen3's default)
         flag_think = llm.chat(_convs(records, "/think"), enable_thinking=True, sampling=think_sp)
@@ -113,7 +119,35 @@ def pass_at_k(llm, records: Sequence[dict], k: int, max_think_tokens: int,
           for i, r in enumerate(records) for j in range(k)]
     p1 = sum(ok) / len(ok)
     pk = sum(any(ok[i * k:(i + 1) * k]) for i in range(len(records))) / len(records)
-    return {"pass@1": p1, f"pass@{k}": pk, "k": k}
+    return {"pass@1": p1, f"pass@{k}": pk, "k": k, "problems": len(records)}
+
+
+def pass_counts(model_dir: str, records: Sequence[dict], k: int, max_new_tokens: int,
+                temperature: float = 1.0, batch: int = 128, seed: int = 0) -> list[int]:
+    """How many of `k` sampled replies (each record in its own mode, at the RL rollout's
+    temperature) answer each record correctly: the difficulty of each prompt for this
+    model, for RL query filtering (stages.filter_rl_prompts)."""
+    from qwen3_fast import SamplingParams
+
+    llm = load_llm(model_dir, max_batch_size=batch, max_seq_len=128 + max_new_tokens)
+    convs, params, modes = [], [], []
+    for i, (r, c) in enumerate(zip(records, _convs(records))):
+        for j in range(k):
+            convs.append(c)
+            modes.append(r.get("enable_thinking", True))
+            params.append(SamplingParams(temperature=temperature, top_p=1.0, top_k=0,
+                                         max_new_tokens=max_new_tokens,
+                                         seed=seed + 1000 * i + j))
+    outs = []
+    for think in (True, False):  # one chat call per mode (enable_thinking is per call)
+        idx = [i for i, m in enumerate(modes) if m == think]
+        if idx:
+            got = llm.chat([convs[i] for i in idx], enable_thinking=think,
+                           sampling=[params[i] for i in idx])
+            outs.extend(zip(idx, got))
+    by_index = dict(outs)
+    return [sum(verify(r["task"], by_index[i * k + j].content, r["answer"])
+                for j in range(k)) for i, r in enumerate(records)]
 
 
 def speculative_speedup(model_dir: str, records: Sequence[dict], new_tokens: int,
@@ -152,17 +186,19 @@ def speculative_speedup(model_dir: str, records: Sequence[dict], new_tokens: int
 
 def evaluate_stage(model_dir: str, records: Sequence[dict], settings: dict,
                    extras: Sequence[str] = ()) -> dict:
-    """The figures of one stage: modes (always) and the `extras` asked for ("budget",
-    "pass_at_k", "speculative")."""
+    """The figures of one stage: modes (always; on the first ``settings["eval_modes"]``
+    records) and the `extras` asked for ("budget", "pass_at_k": on the first
+    ``pass_k_problems`` records, None: all, "speculative")."""
     llm = load_llm(model_dir, max_batch_size=settings["eval_batch"],
                    max_seq_len=settings["eval_seq"])
-    figures = evaluate_modes(llm, records, settings["max_think_tokens"],
+    modes_records = records[:settings.get("eval_modes")]  # the greedy evals: the first N
+    figures = evaluate_modes(llm, modes_records, settings["max_think_tokens"],
                              follow=settings.get("follow", True))
     if "budget" in extras:
-        figures["budget_curve"] = budget_curve(llm, records, settings["budgets"],
+        figures["budget_curve"] = budget_curve(llm, modes_records, settings["budgets"],
                                                settings["max_think_tokens"])
     if "pass_at_k" in extras:
-        figures["pass_at_k"] = pass_at_k(llm, records[:settings["pass_k_problems"]],
+        figures["pass_at_k"] = pass_at_k(llm, records[:settings.get("pass_k_problems")],
                                          settings["pass_k"], settings["max_think_tokens"])
     if "speculative" in extras:
         figures["speculative"] = speculative_speedup(model_dir, records,
@@ -171,4 +207,5 @@ def evaluate_stage(model_dir: str, records: Sequence[dict], settings: dict,
 
 
 __all__ = ["budget_curve", "evaluate_modes", "evaluate_stage", "load_llm", "pass_at_k",
+           "pass_counts",
            "speculative_speedup"]

@@ -22,6 +22,10 @@ Stages (teacher, then a smaller student two ways):
     student_cold_start -> student_rl the same student trained by RL directly: its own
                                      cold start on the same traces, then reasoning RL
 
+reasoning_rl and student_rl first keep the RL prompts their starting policy solves only
+sometimes (stages.filter_rl_prompts, Qwen3's query filtering); that sampling counts in the
+stage's CPU-seconds.
+
 The two student routes start from the same student_base and their CPU-seconds
 (training + the teacher's generation inside off_policy / on_policy) are compared; the base
 is not counted in either.
@@ -59,13 +63,15 @@ SETTINGS = {
     "default": dict(
         vocab_size=384, seq_len=256, long_seq_len=768, sft_seq_len=512, mb=8,
         steps=dict(s1=250, s2=150, s3=10, cold_start=250, reasoning_rl=30, fusion=120,
-                   general_rl=16, student_base=300, off_policy=60, on_policy=16,
+                   general_rl=16, student_base=300, off_policy=80, on_policy=16,
                    student_cold_start=100, student_rl=30),
-        sizes=dict(general=3000, reasoning=3000, long=200, sft=1000, rl=600, distill=40,
-                   eval=48),
+        sizes=dict(general=3000, reasoning=3000, long=200, sft=1000, rl=600, distill=80,
+                   eval=120),
         rollout=dict(prompts_per_step=8, num_generations=4, max_new_tokens=96),
-        eval_batch=48, eval_seq=320, max_think_tokens=128, budgets=[0, 8, 16, 32, 64],
-        pass_k=4, pass_k_problems=24, spec_new_tokens=192, distill_new_tokens=96),
+        filter=dict(candidates=128, k=4, min_keep=32, batch=128),
+        eval_modes=None, eval_batch=120, eval_seq=320, max_think_tokens=128,
+        budgets=[0, 8, 16, 32, 64], pass_k=4, pass_k_problems=None, spec_new_tokens=192,
+        distill_new_tokens=96),
     "quick": dict(
         vocab_size=320, seq_len=128, long_seq_len=384, sft_seq_len=384, mb=4,
         steps=dict(s1=24, s2=16, s3=3, cold_start=16, reasoning_rl=2, fusion=12,
@@ -73,7 +79,9 @@ SETTINGS = {
                    student_cold_start=8, student_rl=2),
         sizes=dict(general=200, reasoning=200, long=30, sft=120, rl=60, distill=6, eval=6),
         rollout=dict(prompts_per_step=2, num_generations=2, max_new_tokens=24),
-        eval_batch=12, eval_seq=160, max_think_tokens=32, budgets=[0, 8, 16], pass_k=2,
+        filter=dict(candidates=12, k=2, min_keep=4, batch=24),
+        eval_modes=6, eval_batch=12, eval_seq=160, max_think_tokens=32, budgets=[0, 8, 16],
+        pass_k=2,
         pass_k_problems=4, spec_new_tokens=48, distill_new_tokens=24),
 }
 

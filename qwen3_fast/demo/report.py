@@ -72,9 +72,14 @@ def collect(out: str, names: list[str]) -> dict:
         entry = {k: d.get(k) for k in ("train_seconds", "train_cpu_seconds", "eval_seconds",
                                        "steps_run", "first_loss", "last_loss")}
         for k in ("acc_think", "acc_no_think", "acc_think_multi_step",
-                  "acc_no_think_multi_step", "mode_following", "think_reply_tokens"):
+                  "acc_no_think_multi_step", "mode_following", "think_reply_tokens",
+                  "per_level_think", "per_level_no_think", "eval_problems"):
             if k in f:
                 entry[k] = f[k]
+        filt = os.path.join(out, name, "rl_prompts_filtered.jsonl.json")
+        if os.path.isfile(filt):  # stages.filter_rl_prompts
+            with open(filt, encoding="utf-8") as fh:
+                entry["prompt_filter"] = json.load(fh)
         rows = _metrics(out, name)
         losses = _series(rows, "loss")[1]
         if losses:
@@ -280,11 +285,41 @@ def write_report(out: str, stages, settings: dict, moe: bool = False, quick: boo
             _fmt(e.get("mode_following")),
             f"{_fmt(e.get('reward_first'))} -> {_fmt(e.get('reward_last'))}",
             f"{_fmt(e.get('entropy_first'))} -> {_fmt(e.get('entropy_last'))}"]) + " |")
+    evald = [n for n in names if "per_level_think" in fig["stages"].get(n, {})]
+    if evald:
+        n_eval = fig["stages"][evald[-1]].get("eval_problems")
+        L += ["", "## Accuracy by difficulty level", "",
+              f"Greedy accuracy on the first {n_eval} held-out problems (both difficulty "
+              f"levels of every task in equal parts; level 2 is the harder one); one "
+              f"accuracy moves by about +-{_fmt(1 / math.sqrt(max(n_eval or 1, 1)))} between "
+              f"runs at this size.", "",
+              "| stage | think level 1 | think level 2 | no-think level 1 | no-think level 2 |",
+              "|---|---|---|---|---|"]
+        for n in evald:
+            e = fig["stages"][n]
+            t, p = e.get("per_level_think", {}), e.get("per_level_no_think", {})
+            L.append(f"| {n} | {_fmt(t.get('1'))} | {_fmt(t.get('2'))} | {_fmt(p.get('1'))} | "
+                     f"{_fmt(p.get('2'))} |")
+    filt = [n for n in names if "prompt_filter" in fig["stages"].get(n, {})]
+    if filt:
+        L += ["", "## RL prompt filtering", "",
+              "Before each reasoning-RL stage its starting policy answers k sampled replies "
+              "to each candidate prompt; RL keeps the prompts it solves sometimes but not "
+              "always (a GRPO group with a nonzero advantage), as Qwen3's query filtering.",
+              "", "| stage | candidates | k | prompts by correct replies (0..k) | "
+              "candidate pass rate | kept (of them mixed) |", "|---|---|---|---|---|---|"]
+        for n in filt:
+            pf = fig["stages"][n]["prompt_filter"]
+            L.append(f"| {n} | {pf['candidates']} | {pf['k']} | "
+                     f"{' / '.join(map(str, pf['pass_histogram']))} | "
+                     f"{_fmt(pf['candidate_pass_rate'])} | {pf['kept']} ({pf['mixed']}) |")
     L += ["", "## Student: distillation vs RL", "",
           "Both routes start from the same `student_base`; CPU-seconds are the routes' "
-          "training (distillation includes the teacher's generation and scoring).", "",
-          "| route | CPU-s | wall s | pass@1 | pass@k | acc think | acc no-think |",
-          "|---|---|---|---|---|---|---|"]
+          "training (distillation includes the teacher's generation and scoring, RL its "
+          "prompt filtering). pass@1 and pass@k: k sampled thinking replies (temperature "
+          "0.6) to each of the held-out problems counted in the table.", "",
+          "| route | CPU-s | wall s | problems | pass@1 | pass@k | acc think | acc no-think |",
+          "|---|---|---|---|---|---|---|---|"]
     for lab, key in (("distillation (off_policy -> on_policy)", "distillation"),
                      ("RL (student_cold_start -> student_rl)", "rl")):
         v = fig["student"].get(key)
@@ -292,7 +327,7 @@ def write_report(out: str, stages, settings: dict, moe: bool = False, quick: boo
             continue
         pk = [k for k in v if k.startswith("pass@") and k != "pass@1"]
         L.append(f"| {lab} | {_fmt(v.get('cpu_seconds'))} | {_fmt(v.get('wall_seconds'))} | "
-                 f"{_fmt(v.get('pass@1'))} | "
+                 f"{v.get('problems', '-')} | {_fmt(v.get('pass@1'))} | "
                  f"{(pk[0] + ' ' + _fmt(v[pk[0]])) if pk else '-'} | "
                  f"{_fmt(v.get('acc_think'))} | {_fmt(v.get('acc_no_think'))} |")
     if "budget_curve" in fig:

@@ -20,6 +20,12 @@ a running count, one carry, one comparison).
 Answers are plain numbers (or a space-separated list for ``sort``); the verifier reads the
 last number (or all numbers, for sort) of the reply's content, so "The answer is 26." and
 "26" both count.
+
+Difficulty levels (``level``): 2 is the table above; 1 is the same task with fewer steps and
+smaller numbers (3-4 digits to sum, two-digit addends, 4-5 letters, 3-4 numbers under 10 to
+sort, unit extras under 10, one or two events). The demo trains and evaluates on an even mix
+of both (a curriculum within each batch): the tiny models learn the step formats on the short
+instances first, and RL finds prompts at every stage that the policy solves only sometimes.
 """
 from __future__ import annotations
 
@@ -39,15 +45,20 @@ class Problem:
     question: str
     reasoning: str  # step-by-step solution (reasoning_content of a thinking reply)
     answer: str  # the reference answer, also the reply content
+    level: int = 2  # difficulty (module docstring)
 
     def rl_record(self, enable_thinking: bool = True) -> dict:
         """The contract's RL prompt record (GRPO, distillation prompt sets, eval)."""
         return {"messages": [{"role": "user", "content": self.question}],
-                "answer": self.answer, "task": self.task, "enable_thinking": enable_thinking}
+                "answer": self.answer, "task": self.task, "level": self.level,
+                "enable_thinking": enable_thinking}
 
 
-def _sum(rng: random.Random) -> Problem:
-    nums = [rng.randint(1, 9) for _ in range(rng.randint(4, 6))]
+LEVELS = (1, 2)
+
+
+def _sum(rng: random.Random, level: int = 2) -> Problem:
+    nums = [rng.randint(1, 9) for _ in range(rng.randint(*((3, 4) if level == 1 else (4, 6))))]
     steps, total = [], nums[0]
     for x in nums[1:]:
         steps.append(f"{total} + {x} = {total + x}")
@@ -56,8 +67,9 @@ def _sum(rng: random.Random) -> Problem:
                    str(total))
 
 
-def _add(rng: random.Random) -> Problem:
-    a, b = rng.randint(10, 999), rng.randint(10, 999)
+def _add(rng: random.Random, level: int = 2) -> Problem:
+    hi = 99 if level == 1 else 999
+    a, b = rng.randint(10, hi), rng.randint(10, hi)
     da, db = str(a)[::-1], str(b)[::-1]
     names = ("ones", "tens", "hundreds", "thousands")
     steps, carry = [], 0
@@ -76,8 +88,9 @@ def _add(rng: random.Random) -> Problem:
 _LETTERS = "abcde"
 
 
-def _count(rng: random.Random) -> Problem:
-    letters = [rng.choice(_LETTERS) for _ in range(rng.randint(5, 8))]
+def _count(rng: random.Random, level: int = 2) -> Problem:
+    letters = [rng.choice(_LETTERS)
+               for _ in range(rng.randint(*((4, 5) if level == 1 else (5, 8))))]
     target = rng.choice(letters)
     steps, n = [], 0
     for c in letters:
@@ -90,8 +103,9 @@ def _count(rng: random.Random) -> Problem:
                    "\n".join(steps), str(n))
 
 
-def _sort(rng: random.Random) -> Problem:
-    nums = rng.sample(range(1, 20), rng.randint(4, 5))
+def _sort(rng: random.Random, level: int = 2) -> Problem:
+    nums = (rng.sample(range(1, 10), rng.randint(3, 4)) if level == 1
+            else rng.sample(range(1, 20), rng.randint(4, 5)))
     rest, steps, out = list(nums), [], []
     while rest:
         m = min(rest)
@@ -105,9 +119,9 @@ def _sort(rng: random.Random) -> Problem:
 _UNITS = (("km", "m", 1000), ("kg", "g", 1000), ("m", "cm", 100), ("dozen", "eggs", 12))
 
 
-def _convert(rng: random.Random) -> Problem:
+def _convert(rng: random.Random, level: int = 2) -> Problem:
     big, small, factor = rng.choice(_UNITS)
-    n, extra = rng.randint(1, 9), rng.randint(1, factor - 1)
+    n, extra = rng.randint(1, 9), rng.randint(1, (min(factor, 10) if level == 1 else factor) - 1)
     prod = n * factor
     steps = [f"1 {big} is {factor} {small}", f"{n} {big} is {n} x {factor} = {prod} {small}",
              f"{prod} + {extra} = {prod + extra}"]
@@ -119,11 +133,11 @@ _NAMES = ("Tom", "Ann", "Sam", "Mia", "Leo", "Eva")
 _THINGS = ("apples", "books", "coins", "cards", "stamps", "pens")
 
 
-def _word(rng: random.Random) -> Problem:
+def _word(rng: random.Random, level: int = 2) -> Problem:
     name, thing = rng.choice(_NAMES), rng.choice(_THINGS)
     total = rng.randint(2, 9)
     sentences, steps = [f"{name} has {total} {thing}."], [f"start: {total}"]
-    for _ in range(rng.randint(2, 3)):
+    for _ in range(rng.randint(*((1, 2) if level == 1 else (2, 3)))):
         if total > 1 and rng.random() < 0.5:
             k = rng.randint(1, min(total - 1, 9))
             sentences.append(f"{name} gives away {k}.")
@@ -138,26 +152,31 @@ def _word(rng: random.Random) -> Problem:
     return Problem("word", " ".join(sentences), "\n".join(steps), str(total))
 
 
-GENERATORS: dict[str, Callable[[random.Random], Problem]] = {
+GENERATORS: dict[str, Callable[..., Problem]] = {
     "sum": _sum, "add": _add, "count": _count, "sort": _sort, "convert": _convert,
     "word": _word}
 
 
-def make_problem(task: str, rng: random.Random) -> Problem:
+def make_problem(task: str, rng: random.Random, level: int = 2) -> Problem:
     if task not in GENERATORS:
         raise ValueError(f"task: expected one of {', '.join(TASKS)}, got {task!r}")
-    return GENERATORS[task](rng)
+    if level not in LEVELS:
+        raise ValueError(f"level: expected one of {LEVELS}, got {level!r}")
+    p = GENERATORS[task](rng, level)
+    return Problem(p.task, p.question, p.reasoning, p.answer, level)
 
 
-def problems(n: int, seed: int, tasks: tuple = TASKS, exclude: Optional[set] = None
-             ) -> list[Problem]:
-    """`n` problems cycling over `tasks` (seeded). `exclude`: questions to skip (the
-    held-out eval set is generated with another seed and excluded from training data)."""
+def problems(n: int, seed: int, tasks: tuple = TASKS, exclude: Optional[set] = None,
+             levels: tuple = (2,)) -> list[Problem]:
+    """`n` problems cycling over `tasks` and, within each round of the tasks, over `levels`
+    (seeded). `exclude`: questions to skip (the held-out eval set is generated with another
+    seed and excluded from training data)."""
     rng = random.Random(seed)
     out: list[Problem] = []
     tries = 0
     while len(out) < n:
-        p = make_problem(tasks[len(out) % len(tasks)], rng)
+        k = len(out)
+        p = make_problem(tasks[k % len(tasks)], rng, levels[(k // len(tasks)) % len(levels)])
         tries += 1
         if exclude and p.question in exclude:
             if tries > 100 * (n + 10):
@@ -196,5 +215,5 @@ def task_reward(completion_text: str, sample: dict) -> float:
     return float(verify(sample.get("task", "sum"), answer, str(sample["answer"])))
 
 
-__all__ = ["GENERATORS", "MULTI_STEP_TASKS", "Problem", "TASKS", "extract_answer",
+__all__ = ["GENERATORS", "LEVELS", "MULTI_STEP_TASKS", "Problem", "TASKS", "extract_answer",
            "make_problem", "problems", "task_reward", "verify"]
