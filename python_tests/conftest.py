@@ -60,6 +60,20 @@ def assert_close_to_oracle(actual: torch.Tensor, oracle: torch.Tensor, dtype: to
                                msg=lambda m: f"{name}: {m}")
 
 
+def grouped_gemm_oracle(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor,
+                        trans_b: bool) -> torch.Tensor:
+    """The per-expert loop in float64 on a's device: the oracle of every grouped GEMM test
+    (rows outside every group stay 0)."""
+    c = torch.zeros(a.shape[0], b.shape[1] if trans_b else b.shape[2], dtype=torch.float64,
+                    device=a.device)
+    bounds = offsets.tolist()
+    for e in range(b.shape[0]):
+        lo, hi = bounds[e], bounds[e + 1]
+        be = b[e].double()
+        c[lo:hi] = a[lo:hi].double() @ (be.t() if trans_b else be)
+    return c
+
+
 def require_interpreted_triton(kernels: dict[str, str]) -> None:
     """Skip unless the Triton kernels {module: kernel name} run in the interpreter here.
 

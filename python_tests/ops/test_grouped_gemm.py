@@ -13,22 +13,12 @@ import torch
 
 from qwen3_fast import ops
 
-from conftest import assert_close_to_oracle, compiled_backends, require_interpreted_triton
+from conftest import (assert_close_to_oracle, compiled_backends, grouped_gemm_oracle,
+                      require_interpreted_triton)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (group sizes, K, N): empty groups first, last and in the middle; one group; odd sizes
 GROUPS = [([3, 0, 5, 1], 7, 9), ([0, 0, 4], 16, 8), ([1], 5, 3), ([70, 0, 2, 0], 33, 65)]
-
-
-def _loop(a, b, offsets, trans_b):
-    """The per-expert loop in float64: the oracle."""
-    c = torch.zeros(a.shape[0], b.shape[1] if trans_b else b.shape[2], dtype=torch.float64)
-    bounds = offsets.tolist()
-    for e in range(b.shape[0]):
-        lo, hi = bounds[e], bounds[e + 1]
-        be = b[e].double()
-        c[lo:hi] = a[lo:hi].double() @ (be.t() if trans_b else be)
-    return c
 
 
 def _inputs(sizes, k, n, trans_b, dtype, device, pad=(0, 0), seed=0):
@@ -50,7 +40,7 @@ def _check(a, b, offsets, trans_b, dtype, backend):
         da, db = torch.autograd.grad(c, (a, b), dc)
     a64 = a.detach().cpu().double().requires_grad_()
     b64 = b.detach().cpu().double().requires_grad_()
-    c64 = _loop(a64, b64, offsets.cpu(), trans_b)
+    c64 = grouped_gemm_oracle(a64, b64, offsets.cpu(), trans_b)
     da64, db64 = torch.autograd.grad(c64, (a64, b64), dc.cpu().double())
     assert c.dtype == dtype and da.dtype == dtype and db.dtype == dtype
     k = a.shape[1]

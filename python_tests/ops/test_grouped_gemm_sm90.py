@@ -19,7 +19,7 @@ from qwen3_fast import ops
 # the module (qwen3_fast.ops re-exports the function under the same name)
 gg = importlib.import_module("qwen3_fast.ops.grouped_gemm")
 
-from conftest import assert_close_to_oracle
+from conftest import assert_close_to_oracle, grouped_gemm_oracle
 
 
 def _sm90_ready() -> bool:
@@ -54,18 +54,6 @@ def _inputs(sizes, k, n, trans_b, dtype, pad=(0, 0), seed=0):
     return a, b, offsets
 
 
-def _loop(a, b, offsets, trans_b):
-    """Per-expert loop in float64 on the GPU: the oracle (host copy of offsets is fine here)."""
-    c = torch.zeros(a.shape[0], b.shape[1] if trans_b else b.shape[2], dtype=torch.float64,
-                    device=a.device)
-    bounds = offsets.tolist()
-    for e in range(b.shape[0]):
-        lo, hi = bounds[e], bounds[e + 1]
-        be = b[e].double()
-        c[lo:hi] = a[lo:hi].double() @ (be.t() if trans_b else be)
-    return c
-
-
 def _dirty_allocator(*shapes, dtype):
     # Freed NaN blocks of the outputs' sizes: the caching allocator hands them out again,
     # so an output element the kernel forgets to write shows up as NaN, not as a lucky 0.
@@ -84,7 +72,7 @@ def _check(a, b, offsets, trans_b, backend="cutlass"):
     da, db = torch.autograd.grad(c, (a, b), dc)
     a64 = a.detach().double().requires_grad_()
     b64 = b.detach().double().requires_grad_()
-    c64 = _loop(a64, b64, offsets, trans_b)
+    c64 = grouped_gemm_oracle(a64, b64, offsets, trans_b)
     da64, db64 = torch.autograd.grad(c64, (a64, b64), dc.double())
     assert c.dtype == da.dtype == db.dtype == dtype
     scale = max(1.0, a.shape[1] / 256)  # fp32 accumulation, bf16/fp16 rounding of outputs
