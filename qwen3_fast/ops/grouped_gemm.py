@@ -37,6 +37,7 @@ K reduction, N output columns, E groups.
 """
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -204,16 +205,12 @@ def _zeros_untouched(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
     large blocks maps fresh zero pages without touching them. With one token, 8 of 128
     experts' pages are written, the same bytes as HF's per-expert Linear gradients.
     """
-    numel = 1
-    for d in shape:
-        numel *= d
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    if numel * itemsize < _LAZY_ZERO_BYTES:
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes < _LAZY_ZERO_BYTES:
         return torch.zeros(shape, dtype=dtype)
     import numpy as np
 
-    raw = torch.from_numpy(np.zeros(numel * itemsize, dtype=np.uint8))
-    return raw.view(dtype).view(shape)
+    return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
 
 
 def _cuda_grouped_gemm(a, b, offsets, c, trans_b):
