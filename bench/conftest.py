@@ -49,6 +49,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         return
     groups: dict[str, list] = {}
     for bench in session.benchmarks:
+        if bench.stats is None or not bench.stats.data:
+            continue  # a benchmark that failed before its first round has nothing to compare
         groups.setdefault(bench.group or "", []).append(bench)
     tr = terminalreporter
     tr.section("qwen3_fast: speed ratios (baseline time / time) and bandwidth use")
