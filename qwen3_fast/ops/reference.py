@@ -194,7 +194,9 @@ def kv_group_stats(x: torch.Tensor, dim: int, dtype: torch.dtype) -> tuple[torch
     xf = x.to(torch.float32)
     mn32 = xf.amin(dim, keepdim=True)
     rng = xf.amax(dim, keepdim=True) - mn32
-    s = (rng / 15.0).to(dtype)
+    # IEEE division by a tensor: torch's CUDA division by a Python scalar multiplies by the
+    # rounded reciprocal instead (1 ulp off in float32), which the kernels do not do
+    s = (rng / torch.full_like(rng, 15.0)).to(dtype)
     s = torch.where(s.to(torch.float32) * 15.0 < rng, torch.nextafter(s, torch.full_like(s, float("inf"))), s)
     return mn32.to(dtype), s
 

@@ -75,7 +75,7 @@ def _kv_quantize_values_kernel(x_ptr, u_ptr, l_ptr, mn_ptr, sc_ptr, n_rows,
     big = 3.0e38
     mn = tl.minimum(tl.min(tl.where(m2, xe, big), axis=1), tl.min(tl.where(m2, xo, big), axis=1))
     mx = tl.maximum(tl.max(tl.where(m2, xe, -big), axis=1), tl.max(tl.where(m2, xo, -big), axis=1))
-    s = _store_dtype_round_up((mx - mn) / 15.0, mx - mn, IS_BF16, IS_F16)
+    s = _store_dtype_round_up(_div(mx - mn, 15.0), mx - mn, IS_BF16, IS_F16)
     tl.store(mn_ptr + row0 + r, mn.to(mn_ptr.dtype.element_ty), mask=rmask)
     tl.store(sc_ptr + row0 + r, s.to(sc_ptr.dtype.element_ty), mask=rmask)
     ce = _codes(xe, mn[:, None], s[:, None])
@@ -104,7 +104,7 @@ def _kv_quantize_keys_kernel(x_ptr, u_ptr, l_ptr, mn_ptr, sc_ptr, G: tl.constexp
     big = 3.0e38
     mn = tl.minimum(tl.min(tl.where(m2, xe, big), axis=0), tl.min(tl.where(m2, xo, big), axis=0))
     mx = tl.maximum(tl.max(tl.where(m2, xe, -big), axis=0), tl.max(tl.where(m2, xo, -big), axis=0))
-    s = _store_dtype_round_up((mx - mn) / 15.0, mx - mn, IS_BF16, IS_F16)
+    s = _store_dtype_round_up(_div(mx - mn, 15.0), mx - mn, IS_BF16, IS_F16)
     cmask = c < D
     tl.store(mn_ptr + pid * D + c, mn.to(mn_ptr.dtype.element_ty), mask=cmask)
     tl.store(sc_ptr + pid * D + c, s.to(sc_ptr.dtype.element_ty), mask=cmask)
