@@ -26,10 +26,12 @@ def _grouped_gemm_kernel(a_ptr, b_ptr, off_ptr, c_ptr, N, K, E,
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     # find the group owning row tile pid_m: tiles are numbered group by group
+    # int64 from the start: they take values loaded from the int64 offsets, and a compiled
+    # loop-carried variable may not change type (the interpreter does not check this)
     group = -1
-    row0 = 0
-    row_end = 0
-    seen = 0
+    row0 = tl.zeros((), dtype=tl.int64)
+    row_end = tl.zeros((), dtype=tl.int64)
+    seen = tl.zeros((), dtype=tl.int64)
     for e in range(0, E):
         lo = tl.load(off_ptr + e)
         hi = tl.load(off_ptr + e + 1)
