@@ -168,7 +168,8 @@ PYBIND11_MODULE(_C, m) {
         arg("chunk"), arg("splits"), arg("precision"), arg("scale"), arg("dtype"),
         arg("stream"), nogil);
   m.def("moe_sort_cuda", &g::moe_sort, arg("expert_ids"), arg("offsets"), arg("row_map"),
-        arg("cursor"), arg("slots"), arg("num_experts"), arg("stream"), nogil);
+        arg("workspace"), arg("workspace_elems"), arg("slots"), arg("num_experts"),
+        arg("stream"), nogil);
   m.def("moe_permute_cuda", &g::moe_permute, arg("src"), arg("src_stride"), arg("row_map"),
         arg("scale"), arg("dst"), arg("tokens"), arg("top_k"), arg("rows"), arg("cols"),
         arg("dtype"), arg("stream"), nogil);

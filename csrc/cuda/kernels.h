@@ -55,9 +55,11 @@ void qk_norm_rope_backward(ptr dq_out, ptr dk_out, ptr q, std::int64_t q_ts, std
                            ptr dk_weight_partial, std::int64_t partial_rows, std::int64_t tokens,
                            std::int64_t hq, std::int64_t hkv, std::int64_t head_dim,
                            std::int64_t max_pos, int x_dtype, int w_dtype, ptr stream);
-// MoE permutation (moe_permute.cu): as csrc/cpu/kernels.h, plus cursor: [E] int64 scratch.
-void moe_sort(ptr expert_ids, ptr offsets, ptr row_map, ptr cursor, std::int64_t slots,
-              std::int64_t num_experts, ptr stream);
+// MoE permutation (moe_permute.cu): as csrc/cpu/kernels.h (the same stable order), plus
+// workspace: >= ceil(slots / 1024) * num_experts int64 scratch; num_experts <= 4096.
+void moe_sort(ptr expert_ids, ptr offsets, ptr row_map, ptr workspace,
+              std::int64_t workspace_elems, std::int64_t slots, std::int64_t num_experts,
+              ptr stream);
 void moe_permute(ptr src, std::int64_t src_stride, ptr row_map, ptr scale, ptr dst,
                  std::int64_t tokens, std::int64_t top_k, std::int64_t rows, std::int64_t cols,
                  int dtype, ptr stream);

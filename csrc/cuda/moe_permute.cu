@@ -1,12 +1,14 @@
-// MoE token permutation on the GPU: same layout and rounding as csrc/cpu/moe_permute.cpp
-// (slot s = t * top_k + k; row_map[s] = the slot's row in the expert-sorted buffer;
-// offsets [E+1]). No host synchronization anywhere: the sort is three small kernels on the
-// stream (histogram, one-block scan, scatter).
-//
-// Unlike the CPU sort, rows of one expert are placed in atomic (arrival) order, not token
-// order: every output row is still computed from its own token alone and the combine
-// reads rows by slot, so y and dx are unaffected; the weight gradients' reduction over an
-// expert's rows may differ in the last bits from run to run.
+// MoE token permutation on the GPU: same layout and order as csrc/cpu/moe_permute.cpp
+// (slot s = t * top_k + k; row_map[s] = the slot's row in the expert-sorted buffer, rows of
+// one expert in slot order, i.e. a stable sort; offsets [E+1]). No host synchronization: the
+// sort is three kernels on the stream over chunks of kSortChunk slots:
+//   1. count: per chunk, a shared-memory histogram -> counts[chunk][e];
+//   2. scan (one block): offsets[e] = exclusive scan of the expert totals, and counts[c][e]
+//      becomes the first row of chunk c's slots of expert e (offsets[e] + the slots of
+//      expert e in earlier chunks);
+//   3. scatter: one warp per chunk walks its slots in order, 32 at a time; lanes with the
+//      same expert (__match_any_sync) take consecutive rows in lane order, so the order is
+//      the slot order, deterministic run to run (and so are the weight gradients' sums).
 // Expert ids are trusted here (ops/moe_permute.py checks them; moe_experts gets them
 // from top-k).
 #include "cuda_utils.cuh"
@@ -16,36 +18,74 @@ namespace qwen3_fast::cuda {
 namespace {
 
 constexpr int kThreads = 256;
+constexpr std::int64_t kSortChunk = 1024;  // ops/moe_permute.py CUDA_SORT_CHUNK
+constexpr std::int64_t kMaxSortExperts = 4096;  // per-expert shared cursors: 32 KiB
 
-__global__ void moe_histogram_kernel(const std::int64_t* __restrict__ ids,
-                                     std::int64_t* __restrict__ counts, std::int64_t slots) {
-  for (std::int64_t s = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x;
-       s < slots; s += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
-    atomicAdd(reinterpret_cast<unsigned long long*>(counts + ids[s]), 1ull);
-  }
+__global__ void moe_count_kernel(const std::int64_t* __restrict__ ids,
+                                 std::int64_t* __restrict__ counts, std::int64_t slots,
+                                 std::int64_t num_experts) {
+  extern __shared__ int hist[];  // [num_experts]
+  for (std::int64_t e = threadIdx.x; e < num_experts; e += blockDim.x) hist[e] = 0;
+  __syncthreads();
+  const std::int64_t begin = blockIdx.x * kSortChunk;
+  const std::int64_t end = begin + kSortChunk < slots ? begin + kSortChunk : slots;
+  for (std::int64_t s = begin + threadIdx.x; s < end; s += blockDim.x) atomicAdd(&hist[ids[s]], 1);
+  __syncthreads();
+  std::int64_t* row = counts + blockIdx.x * num_experts;
+  for (std::int64_t e = threadIdx.x; e < num_experts; e += blockDim.x) row[e] = hist[e];
 }
 
-// One block: exclusive scan of counts [E] into offsets [E+1]; counts become the cursors.
-__global__ void moe_scan_kernel(std::int64_t* __restrict__ counts,
-                                std::int64_t* __restrict__ offsets, std::int64_t num_experts) {
+// One block. Thread e (strided) owns expert e's column of counts [chunks, E].
+__global__ void moe_sort_scan_kernel(std::int64_t* __restrict__ counts,
+                                     std::int64_t* __restrict__ offsets, std::int64_t chunks,
+                                     std::int64_t num_experts) {
+  for (std::int64_t e = threadIdx.x; e < num_experts; e += blockDim.x) {
+    std::int64_t run = 0;
+    for (std::int64_t c = 0; c < chunks; ++c) {
+      const std::int64_t n = counts[c * num_experts + e];
+      counts[c * num_experts + e] = run;  // earlier chunks' slots of expert e
+      run += n;
+    }
+    offsets[e] = run;  // the total, scanned below
+  }
+  __syncthreads();
   if (threadIdx.x == 0) {
     std::int64_t run = 0;
     for (std::int64_t e = 0; e < num_experts; ++e) {
+      const std::int64_t n = offsets[e];
       offsets[e] = run;
-      run += counts[e];
-      counts[e] = offsets[e];
+      run += n;
     }
     offsets[num_experts] = run;
   }
+  __syncthreads();
+  for (std::int64_t e = threadIdx.x; e < num_experts; e += blockDim.x) {
+    for (std::int64_t c = 0; c < chunks; ++c) counts[c * num_experts + e] += offsets[e];
+  }
 }
 
-__global__ void moe_scatter_kernel(const std::int64_t* __restrict__ ids,
-                                   std::int64_t* __restrict__ cursor,
-                                   std::int64_t* __restrict__ row_map, std::int64_t slots) {
-  for (std::int64_t s = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x;
-       s < slots; s += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
-    row_map[s] = static_cast<std::int64_t>(
-        atomicAdd(reinterpret_cast<unsigned long long*>(cursor + ids[s]), 1ull));
+// One warp per chunk.
+__global__ void moe_sort_scatter_kernel(const std::int64_t* __restrict__ ids,
+                                        const std::int64_t* __restrict__ counts,
+                                        std::int64_t* __restrict__ row_map, std::int64_t slots,
+                                        std::int64_t num_experts) {
+  extern __shared__ std::int64_t cursor[];  // [num_experts]: the next row of each expert
+  const int lane = threadIdx.x;
+  const std::int64_t* base = counts + blockIdx.x * num_experts;
+  for (std::int64_t e = lane; e < num_experts; e += 32) cursor[e] = base[e];
+  __syncwarp();
+  const std::int64_t begin = blockIdx.x * kSortChunk;
+  const std::int64_t end = begin + kSortChunk < slots ? begin + kSortChunk : slots;
+  const unsigned lower = (1u << lane) - 1u;  // lanes before this one
+  for (std::int64_t s0 = begin; s0 < end; s0 += 32) {
+    const std::int64_t s = s0 + lane;
+    const bool valid = s < end;
+    const std::int64_t id = valid ? ids[s] : -1 - lane;  // invalid lanes match nobody
+    const unsigned peers = __match_any_sync(0xffffffffu, id);
+    if (valid) row_map[s] = cursor[id] + __popc(peers & lower);
+    __syncwarp();
+    if (valid && (peers & lower) == 0) cursor[id] += __popc(peers);  // the group's first lane
+    __syncwarp();
   }
 }
 
@@ -120,25 +160,38 @@ void check_sizes(std::int64_t tokens, std::int64_t top_k, std::int64_t cols, con
 
 }  // namespace
 
-void moe_sort(ptr expert_ids, ptr offsets, ptr row_map, ptr cursor, std::int64_t slots,
-              std::int64_t num_experts, ptr stream) {
+void moe_sort(ptr expert_ids, ptr offsets, ptr row_map, ptr workspace,
+              std::int64_t workspace_elems, std::int64_t slots, std::int64_t num_experts,
+              ptr stream) {
   check_arg(slots >= 0, "slots must be >= 0, got " + std::to_string(slots));
-  check_arg(num_experts > 0, "num_experts must be > 0, got " + std::to_string(num_experts));
-  check_ptr(offsets, "offsets"); check_ptr(cursor, "cursor");
+  check_arg(num_experts > 0 && num_experts <= kMaxSortExperts,
+            "num_experts must be in [1, " + std::to_string(kMaxSortExperts) + "] on CUDA, got " +
+                std::to_string(num_experts));
+  const std::int64_t chunks = ceil_div(slots, kSortChunk);
+  check_arg(workspace_elems >= chunks * num_experts,
+            "moe_sort: workspace has " + std::to_string(workspace_elems) +
+                " int64 elements; expected ceil(slots / " + std::to_string(kSortChunk) +
+                ") * num_experts = " + std::to_string(chunks * num_experts));
+  check_ptr(offsets, "offsets");
   auto st = as_stream(stream);
-  auto* cur = reinterpret_cast<std::int64_t*>(cursor);
-  check_cuda(cudaMemsetAsync(cur, 0, sizeof(std::int64_t) * num_experts, st), "cudaMemsetAsync");
   const auto* ids = reinterpret_cast<const std::int64_t*>(expert_ids);
-  const unsigned grid = grid_for(ceil_div(std::max<std::int64_t>(slots, 1), kThreads), kThreads);
-  if (slots > 0) {
-    moe_histogram_kernel<<<grid, kThreads, 0, st>>>(ids, cur, slots);
-    QWEN3_FAST_CHECK_LAUNCH("moe_sort (histogram)");
+  auto* counts = reinterpret_cast<std::int64_t*>(workspace);
+  if (chunks > 0) {
+    check_ptr(expert_ids, "expert_ids"); check_ptr(row_map, "row_map");
+    check_ptr(workspace, "workspace");
+    check_arg(chunks < (std::int64_t{1} << 31), "moe_sort: too many slots for one grid");
+    moe_count_kernel<<<static_cast<unsigned>(chunks), kThreads,
+                       sizeof(int) * num_experts, st>>>(ids, counts, slots, num_experts);
+    QWEN3_FAST_CHECK_LAUNCH("moe_sort (count)");
   }
-  moe_scan_kernel<<<1, 32, 0, st>>>(cur, reinterpret_cast<std::int64_t*>(offsets), num_experts);
+  const int scan_threads = static_cast<int>(std::min<std::int64_t>(1024, ceil_div(num_experts, 32) * 32));
+  moe_sort_scan_kernel<<<1, scan_threads, 0, st>>>(
+      counts, reinterpret_cast<std::int64_t*>(offsets), chunks, num_experts);
   QWEN3_FAST_CHECK_LAUNCH("moe_sort (scan)");
-  if (slots > 0) {
-    moe_scatter_kernel<<<grid, kThreads, 0, st>>>(ids, cur,
-                                                  reinterpret_cast<std::int64_t*>(row_map), slots);
+  if (chunks > 0) {
+    moe_sort_scatter_kernel<<<static_cast<unsigned>(chunks), 32,
+                              sizeof(std::int64_t) * num_experts, st>>>(
+        ids, counts, reinterpret_cast<std::int64_t*>(row_map), slots, num_experts);
     QWEN3_FAST_CHECK_LAUNCH("moe_sort (scatter)");
   }
 }

@@ -27,6 +27,9 @@ from qwen3_fast.ops import _backend, _checks
 from qwen3_fast.ops._kernel_args import code, launch, ptr
 
 _TORCH_BACKENDS = ("reference", "triton")
+# Slots per chunk of the CUDA sort (kSortChunk in csrc/cuda/moe_permute.cu, which checks the
+# workspace size this implies)
+CUDA_SORT_CHUNK = 1024
 
 
 # ------------------------------------------------------------------ one backend, 2-D
@@ -43,10 +46,11 @@ def sort_by_expert(expert_ids: Tensor, num_experts: int, backend: str) -> tuple[
     flat = flat.contiguous()
     offsets = torch.empty(num_experts + 1, dtype=torch.int64, device=flat.device)
     row_map = torch.empty_like(flat)
-    if backend == "cuda":
-        cursor = torch.empty(num_experts, dtype=torch.int64, device=flat.device)  # scratch
+    if backend == "cuda":  # per-chunk expert counts, then the row of each chunk's first slot
+        elems = -(-flat.numel() // CUDA_SORT_CHUNK) * num_experts
+        workspace = torch.empty(max(elems, 1), dtype=torch.int64, device=flat.device)
         launch(backend, "moe_sort", flat.device, ptr(flat), ptr(offsets), ptr(row_map),
-               ptr(cursor), flat.numel(), num_experts)
+               ptr(workspace), elems, flat.numel(), num_experts)
     else:
         launch(backend, "moe_sort", flat.device, ptr(flat), ptr(offsets), ptr(row_map),
                flat.numel(), num_experts)
