@@ -47,7 +47,7 @@ test_rc=99
 bench_rc=99
 if [ "$build_rc" -eq 0 ]; then
   log "CUDA tests"
-  timeout 230 $PY -m pytest python_tests -m cuda -q -p no:cacheprovider -o addopts="" -rfE \
+  timeout 230 $PY -m pytest python_tests -m cuda -q -p no:cacheprovider -o addopts="" -rfE --tb=short \
     --junitxml="$OUT/tests.xml" >"$OUT/tests.log" 2>&1
   test_rc=$?
   tail -n 15 "$OUT/tests.log"
