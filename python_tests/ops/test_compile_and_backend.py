@@ -2,6 +2,8 @@
 backend selection rules of qwen3_fast.ops._backend."""
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
@@ -75,3 +77,65 @@ def test_bad_backend_names_and_unusable_backends():
 def test_env_var_is_validated(monkeypatch):
     with pytest.raises(ValueError, match="QWEN3_FAST_BACKEND: backend 'fast' is not one of"):
         _backend._validate("fast", "QWEN3_FAST_BACKEND")
+
+
+# ------------------------------------------------------------------ call_op (eager inference)
+def _spy_eager(monkeypatch, op):
+    calls = []
+    impl = op.eager_impl
+    monkeypatch.setattr(op, "eager_impl", lambda *a: calls.append(1) or impl(*a))
+    return calls
+
+
+@pytest.mark.skipif(not _ext.available(), reason="_C not built")
+def test_call_op_skips_the_dispatcher_only_in_eager_inference(monkeypatch):
+    linear_mod = importlib.import_module("qwen3_fast.ops.linear")  # ops.linear: the function
+    calls = _spy_eager(monkeypatch, linear_mod._linear_fwd)
+    # bf16 on the CPU: the shape ops.linear sends to its kernel (fp32 goes to F.linear)
+    x = torch.randn(3, 8).bfloat16()
+    w = torch.nn.Parameter(torch.randn(5, 8).bfloat16())
+    with torch.inference_mode():
+        y = ops.linear(x, w)
+    assert len(calls) == 1 and torch.allclose(y.float(), x.float() @ w.detach().float().t(),
+                                              atol=0.1)
+    with torch.no_grad():
+        ops.linear(x, w)
+    assert len(calls) == 2
+    y = ops.linear(x, w)  # grad mode and a parameter that requires grad: autograd
+    assert len(calls) == 2 and y.grad_fn is not None
+    y.sum().backward()
+    assert w.grad is not None and torch.allclose(w.grad.float(), x.float().sum(0).expand(5, 8),
+                                                 atol=0.1)
+    ops.linear(x, w.detach())  # nothing requires grad: eager, even in grad mode
+    assert len(calls) == 3
+
+
+@pytest.mark.skipif(not _ext.available(), reason="_C not built")
+def test_call_op_keeps_modes_tracing_and_profiling_on_the_dispatcher(monkeypatch):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    rms_mod = importlib.import_module("qwen3_fast.ops.rms_norm")
+    calls = _spy_eager(monkeypatch, rms_mod._rms_norm_fwd)
+    x, w = torch.randn(4, 16), torch.ones(16)
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with torch.inference_mode():
+        with Record() as mode:
+            ops.rms_norm(x, w)
+        assert any("rms_norm_fwd" in n for n in mode.names) and not calls
+        with torch.profiler.profile() as prof:
+            ops.rms_norm(x, w)
+        assert not calls
+        assert any("rms_norm_fwd" in e.name for e in prof.events())
+    fn = torch.compile(lambda t: ops.rms_norm(t, w), fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        assert torch.allclose(fn(x), ops.rms_norm(x, w))
+    assert len(calls) == 1  # the eager call on the right; the compiled one went through the op

@@ -33,7 +33,7 @@ def add_rms_norm_forward(x: Tensor, residual: Tensor, weight: Tensor, eps: float
     return y, new_residual, rstd
 
 
-@torch.library.custom_op("qwen3_fast::add_rms_norm_fwd", mutates_args=())
+@_backend.custom_op("qwen3_fast::add_rms_norm_fwd")
 def _add_rms_norm_fwd(x: Tensor, residual: Tensor, weight: Tensor, eps: float,
                       backend: str) -> tuple[Tensor, Tensor, Tensor]:
     return add_rms_norm_forward(_row_major(x), _row_major(residual), weight.contiguous(), eps,
@@ -84,6 +84,7 @@ def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor,
     backend = _backend.resolve("add_rms_norm", x)
     if backend == "reference":
         return reference.add_rms_norm(x, residual, weight, eps)
-    y, new_residual, _ = _add_rms_norm_fwd(x.reshape(-1, hidden), residual.reshape(-1, hidden),
-                                           weight, float(eps), backend)
+    y, new_residual, _ = _backend.call_op(_add_rms_norm_fwd, x.reshape(-1, hidden),
+                                          residual.reshape(-1, hidden), weight, float(eps),
+                                          backend)
     return y.view(x.shape), new_residual.view(x.shape)

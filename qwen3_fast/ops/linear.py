@@ -60,7 +60,7 @@ def linear_forward(x: Tensor, weight: Tensor, backend: str) -> Tensor:
 
 
 # ------------------------------------------------------------------ custom op
-@torch.library.custom_op("qwen3_fast::linear_fwd", mutates_args=())
+@_backend.custom_op("qwen3_fast::linear_fwd")
 def _linear_fwd(x: Tensor, weight: Tensor, backend: str) -> Tensor:
     return linear_forward(x, weight, backend)
 
@@ -121,5 +121,5 @@ def linear(x: Tensor, weight: Tensor) -> Tensor:
     if backend != "reference" and not _use_kernel(x.reshape(rows, k), weight, backend):
         # not the skinny bf16 CPU case: the vendor GEMM is already right (module docstring)
         return F.linear(x, weight)
-    y = _linear_fwd(x.reshape(rows, k), weight, backend)
+    y = _backend.call_op(_linear_fwd, x.reshape(rows, k), weight, backend)
     return y.view(*x.shape[:-1], weight.shape[0])

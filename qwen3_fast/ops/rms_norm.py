@@ -69,7 +69,7 @@ def _row_major(x: Tensor) -> Tensor:
 
 
 # ------------------------------------------------------------------ custom ops
-@torch.library.custom_op("qwen3_fast::rms_norm_fwd", mutates_args=())
+@_backend.custom_op("qwen3_fast::rms_norm_fwd")
 def _rms_norm_fwd(x: Tensor, weight: Tensor, eps: float, backend: str) -> tuple[Tensor, Tensor]:
     return rms_norm_forward(_row_major(x), weight.contiguous(), eps, backend)
 
@@ -133,7 +133,7 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
     backend = _backend.resolve("rms_norm", x)
     if backend == "reference":
         return reference.rms_norm(x, weight, eps)
-    y, _ = _rms_norm_fwd(x.reshape(-1, hidden), weight, float(eps), backend)
+    y, _ = _backend.call_op(_rms_norm_fwd, x.reshape(-1, hidden), weight, float(eps), backend)
     return y.view(*x.shape[:-1], hidden)
 
 

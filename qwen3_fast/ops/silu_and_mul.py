@@ -42,7 +42,7 @@ def silu_and_mul_backward(dy: Tensor, gate_up: Tensor, backend: str) -> Tensor:
     return d_gate_up
 
 
-@torch.library.custom_op("qwen3_fast::silu_and_mul_fwd", mutates_args=())
+@_backend.custom_op("qwen3_fast::silu_and_mul_fwd")
 def _silu_and_mul_fwd(gate_up: Tensor, backend: str) -> Tensor:
     return silu_and_mul_forward(_row_major(gate_up), backend)
 
@@ -95,5 +95,5 @@ def silu_and_mul(gate_up: Tensor) -> Tensor:
     backend = _backend.resolve("silu_and_mul", gate_up)
     if backend == "reference":
         return reference.silu_and_mul(gate_up)
-    y = _silu_and_mul_fwd(gate_up.reshape(-1, width), backend)
+    y = _backend.call_op(_silu_and_mul_fwd, gate_up.reshape(-1, width), backend)
     return y.view(*gate_up.shape[:-1], width // 2)
