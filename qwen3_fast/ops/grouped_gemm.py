@@ -256,7 +256,7 @@ def _cutlass_grouped_wgrad(x, y, offsets, out):
 
 
 # ------------------------------------------------------------------ custom ops
-@torch.library.custom_op("qwen3_fast::grouped_gemm_fwd", mutates_args=())
+@_backend.custom_op("qwen3_fast::grouped_gemm_fwd")
 def _grouped_gemm_fwd(a: Tensor, b: Tensor, offsets: Tensor, trans_b: bool,
                       backend: str) -> Tensor:
     return grouped_gemm_forward(a.contiguous(), b.contiguous(), offsets, trans_b, backend)
@@ -370,4 +370,4 @@ def grouped_gemm(a: Tensor, b: Tensor, offsets: Tensor, trans_b: bool = False,
         backend = _backend.resolve("grouped_gemm", a)
     else:
         backend = _explicit_backend(backend, a, b, trans_b)
-    return _grouped_gemm_fwd(a, b, offsets, trans_b, backend)
+    return _backend.call_op(_grouped_gemm_fwd, a, b, offsets, trans_b, backend)

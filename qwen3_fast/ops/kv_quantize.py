@@ -58,7 +58,7 @@ def _codes_shape(x: Tensor, is_key: bool, group_size: int) -> tuple[int, ...]:
     return (*x.shape[:-1], x.shape[-1] // 2)
 
 
-@torch.library.custom_op("qwen3_fast::kv_quantize", mutates_args=())
+@_backend.custom_op("qwen3_fast::kv_quantize")
 def _kv_quantize(x: Tensor, is_key: bool, group_size: int, backend: str
                  ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return kv_quantize_forward(x.contiguous(), is_key, group_size, backend)
@@ -104,7 +104,7 @@ def kv_quantize(x: Tensor, kind: str, group_size: int = 128
     backend = _backend.resolve("kv_quantize", x)
     if backend == "reference":
         return reference.kv_quantize(x, kind, g)
-    return _kv_quantize(x, kind == "key", g, backend)
+    return _backend.call_op(_kv_quantize, x, kind == "key", g, backend)
 
 
 def kv_dequantize(u: Tensor, lo: Tensor | None, mn: Tensor, scale: Tensor, kind: str,
@@ -131,10 +131,11 @@ def kv_dequantize(u: Tensor, lo: Tensor | None, mn: Tensor, scale: Tensor, kind:
     _checks.check_same_shape(mn, "mn", scale, "scale")
     if _backend.resolve("kv_dequantize", mn) != "cpu":
         return reference.kv_dequantize(u, lo, mn, scale, kind, g, bits)
-    return _kv_dequantize(u, lo if bits == 8 else None, mn, scale, kind == "key", g, bits)
+    return _backend.call_op(_kv_dequantize, u, lo if bits == 8 else None, mn, scale,
+                            kind == "key", g, bits)
 
 
-@torch.library.custom_op("qwen3_fast::kv_dequantize", mutates_args=())
+@_backend.custom_op("qwen3_fast::kv_dequantize")
 def _kv_dequantize(u: Tensor, lo: Optional[Tensor], mn: Tensor, scale: Tensor, is_key: bool,
                    group_size: int, bits: int) -> Tensor:
     u, mn, scale = u.contiguous(), mn.contiguous(), scale.contiguous()

@@ -100,7 +100,7 @@ def _route_backward(d_weights: Optional[Tensor], d_probs: Optional[Tensor], prob
     return probs * (dp - (dp * probs).sum(-1, keepdim=True))  # softmax Jacobian
 
 
-@torch.library.custom_op("qwen3_fast::moe_route_fwd", mutates_args=())
+@_backend.custom_op("qwen3_fast::moe_route_fwd")
 def _moe_route_fwd(router_logits: Tensor, top_k: int, norm: bool) -> tuple[Tensor, Tensor, Tensor]:
     return _route(router_logits, top_k, norm)
 
@@ -150,7 +150,7 @@ def moe_route(router_logits: Tensor, top_k: int,
     _check_top_k(top_k, router_logits.shape[1])
     if router_logits.dtype == torch.float64 or _backend.resolve("moe", router_logits) == "reference":
         return reference.moe_route(router_logits, top_k, bool(norm_topk_prob))
-    return _moe_route_fwd(router_logits, top_k, bool(norm_topk_prob))
+    return _backend.call_op(_moe_route_fwd, router_logits, top_k, bool(norm_topk_prob))
 
 
 # ------------------------------------------------------------------ experts, one backend
@@ -213,7 +213,7 @@ def moe_experts_backward(dy: Tensor, x: Tensor, router_logits: Tensor, w_gate_up
     return dx, d_logits.to(router_logits.dtype), d_w_gate_up, d_w_down
 
 
-@torch.library.custom_op("qwen3_fast::moe_experts_fwd", mutates_args=())
+@_backend.custom_op("qwen3_fast::moe_experts_fwd")
 def _moe_experts_fwd(x: Tensor, router_logits: Tensor, w_gate_up: Tensor, w_down: Tensor,
                      top_k: int, norm: bool, backend: str
                      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -308,8 +308,8 @@ def moe_experts(x: Tensor, router_logits: Tensor, w_gate_up: Tensor, w_down: Ten
     if backend == "reference":
         return reference.moe_experts(x, router_logits, w_gate_up, w_down, top_k,
                                      bool(norm_topk_prob))
-    return _moe_experts_fwd(x, router_logits, w_gate_up, w_down, top_k, bool(norm_topk_prob),
-                            backend)[0]
+    return _backend.call_op(_moe_experts_fwd, x, router_logits, w_gate_up, w_down, top_k,
+                            bool(norm_topk_prob), backend)[0]
 
 
 # ------------------------------------------------------------------ load balancing

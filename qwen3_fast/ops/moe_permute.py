@@ -115,7 +115,7 @@ def unpermute_rows_backward(dy: Tensor, src: Tensor, row_map: Tensor, weights: T
 
 
 # ------------------------------------------------------------------ custom ops
-@torch.library.custom_op("qwen3_fast::moe_permute_fwd", mutates_args=())
+@_backend.custom_op("qwen3_fast::moe_permute_fwd")
 def _moe_permute_fwd(x: Tensor, expert_ids: Tensor, num_experts: int,
                      backend: str) -> tuple[Tensor, Tensor, Tensor]:
     offsets, row_map = sort_by_expert(expert_ids, num_experts, backend)
@@ -129,7 +129,7 @@ def _(x, expert_ids, num_experts, backend):
             expert_ids.new_empty((slots,)))
 
 
-@torch.library.custom_op("qwen3_fast::moe_unpermute_fwd", mutates_args=())
+@_backend.custom_op("qwen3_fast::moe_unpermute_fwd")
 def _moe_unpermute_fwd(src: Tensor, row_map: Tensor, weights: Optional[Tensor], top_k: int,
                        backend: str) -> Tensor:
     return unpermute_rows(src.contiguous(), row_map, weights, top_k, backend)
@@ -232,7 +232,7 @@ def moe_permute(x: Tensor, expert_ids: Tensor, num_experts: int) -> tuple[Tensor
     _checks.check_same_device(x, "x", expert_ids, "expert_ids")
     _check_id_values(expert_ids, num_experts)
     backend = _backend.resolve("moe_permute", x)
-    return _moe_permute_fwd(x, expert_ids, num_experts, backend)
+    return _backend.call_op(_moe_permute_fwd, x, expert_ids, num_experts, backend)
 
 
 def moe_unpermute(y_sorted: Tensor, row_map: Tensor, weights: Tensor) -> Tensor:
@@ -263,4 +263,4 @@ def moe_unpermute(y_sorted: Tensor, row_map: Tensor, weights: Tensor) -> Tensor:
     # float32 weights for the kernels (float64 stays float64 on the reference path)
     w32 = weights.to(torch.float64 if weights.dtype == torch.float64 and backend == "reference"
                      else torch.float32).reshape(-1).contiguous()
-    return _moe_unpermute_fwd(y_sorted, row_map, w32, k, backend)
+    return _backend.call_op(_moe_unpermute_fwd, y_sorted, row_map, w32, k, backend)

@@ -126,7 +126,7 @@ def _heads_major(x: Tensor) -> Tensor:
 
 
 # ------------------------------------------------------------------ custom ops
-@torch.library.custom_op("qwen3_fast::qk_norm_rope_fwd", mutates_args=())
+@_backend.custom_op("qwen3_fast::qk_norm_rope_fwd")
 def _qk_norm_rope_fwd(q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor, cos: Tensor,
                       sin: Tensor, positions: Tensor, eps: float,
                       backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -279,8 +279,8 @@ def qk_norm_rope(q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor, cos: 
         _check_position_range(positions, cos.shape[0])
         return reference.qk_norm_rope(q, k, q_weight, k_weight, cos, sin, positions, eps)
     qf, kf, pf = _flat(q, k, positions)
-    q_out, k_out, _, _ = _qk_norm_rope_fwd(qf, kf, q_weight, k_weight, cos.float(), sin.float(),
-                                           pf, float(eps), backend)
+    q_out, k_out, _, _ = _backend.call_op(_qk_norm_rope_fwd, qf, kf, q_weight, k_weight,
+                                          cos.float(), sin.float(), pf, float(eps), backend)
     return q_out.view(*q.shape[:-1], head_dim), k_out.view(*k.shape[:-1], head_dim)
 
 
