@@ -50,6 +50,13 @@ class KVCacheBase:
 
     def begin_step(self, counts: Counts) -> None:
         """Reserve counts[b] new tokens for sequence b; layers then call :meth:`write`."""
+        self.advance_host(counts)
+        self._sync()
+
+    def advance_host(self, counts: Counts) -> None:
+        """The host half of :meth:`begin_step`: the Python lengths only, `lengths` (device)
+        untouched. For a step whose device side ran elsewhere: a device-side decode step
+        (generate/graph_step.py) writes the cache and advances `lengths` itself."""
         counts = self._counts(counts)
         for b, c in enumerate(counts):
             if self._len[b] + c > self.max_length:
@@ -59,7 +66,6 @@ class KVCacheBase:
         self._count = counts
         self._len = [s + c for s, c in zip(self._start, counts)]
         self._on_lengths_changed()
-        self._sync()
 
     def seq_lengths(self) -> list[int]:
         return list(self._len)

@@ -70,6 +70,10 @@ class Qwen3Attention(nn.Module):
             # document_ids [B, S] (packed training rows): attention stays in each document
             o = attention(q, k, v, causal=True, attention_mask=attention_mask,
                           scale=self.scaling, document_ids=document_ids)  # [B, Hq, S, D]
+        elif getattr(cache, "device_step", False):
+            # a device-side decode step (generate/graph_step.py): the step's cache view
+            # attends at the lengths on the device, with no host read
+            o = cache.attend(q.contiguous(), self.layer_idx, self.scaling)
         else:
             # decode (S = 1) or verify / chunked prefill (S > 1, causal among the new tokens)
             o = ops.flash_decode(q.contiguous(), cache, self.layer_idx, precision,

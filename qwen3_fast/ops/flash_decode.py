@@ -67,10 +67,15 @@ def flash_decode_forward(q: Tensor, k_u: Optional[Tensor], k_l: Optional[Tensor]
                          v_u: Optional[Tensor], v_l: Optional[Tensor], v_min: Optional[Tensor],
                          v_scale: Optional[Tensor], k_buf: Tensor, v_buf: Tensor,
                          n_quant: Optional[Tensor], lengths: Tensor, precision: int,
-                         group_size: int, scale: float, backend: str) -> Tensor:
+                         group_size: int, scale: float, backend: str,
+                         max_length: int = 0) -> Tensor:
+    # max_length > 0: a bound on every length, known on the host (a captured decode step,
+    # generate/graph_step.py); the reference and GPU paths then size their work from it
+    # instead of reading lengths.max() back from the device (only the dense op passes one;
+    # the hierarchical reference below still reads the lengths).
     if backend == "reference":
         if precision == 16:
-            t = int(lengths.max())
+            t = max_length or int(lengths.max())
             return reference.flash_decode(q, k_buf[:, :, :t], v_buf[:, :, :t], lengths, scale)
         kq, vq, kb, vb = dequantize_layer(k_u, k_l, k_min, k_scale, v_u, v_l, v_min, v_scale,
                                           k_buf, v_buf, lengths, precision, group_size)
@@ -81,13 +86,15 @@ def flash_decode_forward(q: Tensor, k_u: Optional[Tensor], k_l: Optional[Tensor]
         from qwen3_fast.ops.triton.flash_decode import flash_decode_forward as triton_forward
 
         return triton_forward(q, k_u, k_l, k_min, k_scale, v_u, v_l, v_min, v_scale, k_buf,
-                              v_buf, n_quant, lengths, precision, group_size, scale)
+                              v_buf, n_quant, lengths, precision, group_size, scale,
+                              max_length)
     b, hq, n, d = q.shape
     hkv, ring = k_buf.shape[1], k_buf.shape[2]
     out = torch.empty_like(q)
     if backend == "cuda":
         return _cuda_forward(q, k_u, k_l, k_min, k_scale, v_u, v_l, v_min, v_scale, k_buf,
-                             v_buf, n_quant, lengths, precision, group_size, scale, out)
+                             v_buf, n_quant, lengths, precision, group_size, scale, out,
+                             max_length)
     # keys + values read (a host read of lengths is free on the CPU): decides whether the
     # call may use a thread team under the engine's small-step cap (_kernel_args.launch)
     token_bytes = 2 * hkv * d * (k_buf.element_size() if precision == 16 else precision / 8)
@@ -109,12 +116,14 @@ CUDA_WARPS = 4  # must match csrc/cuda/flash_decode.cu kWarps
 
 
 def _cuda_forward(q, k_u, k_l, k_min, k_scale, v_u, v_l, v_min, v_scale, k_buf, v_buf,
-                  n_quant, lengths, precision, group_size, scale, out):
+                  n_quant, lengths, precision, group_size, scale, out, max_length=0):
     """Split count: about two blocks per SM over the batch's kv heads, chunks of >= 256
-    tokens; the float32 partials live in a workspace the merge kernel reads."""
+    tokens; the float32 partials live in a workspace the merge kernel reads. The splits
+    cover max_length when given (no host read; splits past a sequence's length are empty:
+    lse -inf, weight 0 in the merge), else the longest length read from the device."""
     b, hq, n, d = q.shape
     hkv, ring = k_buf.shape[1], k_buf.shape[2]
-    max_len = int(lengths.max())
+    max_len = max_length or int(lengths.max())
     sms = torch.cuda.get_device_properties(q.device).multi_processor_count
     want = max(1, (2 * sms) // max(1, b * hkv))
     chunk = max(256, -(-max_len // want))
@@ -139,13 +148,13 @@ def _cuda_forward(q, k_u, k_l, k_min, k_scale, v_u, v_l, v_min, v_scale, k_buf, 
 # ------------------------------------------------------------------ custom ops
 @torch.library.custom_op("qwen3_fast::flash_decode_dense", mutates_args=())
 def _flash_decode_dense(q: Tensor, k: Tensor, v: Tensor, lengths: Tensor, scale: float,
-                        backend: str) -> Tensor:
+                        backend: str, max_length: int = 0) -> Tensor:
     return flash_decode_forward(q.contiguous(), None, None, None, None, None, None, None, None,
-                                k, v, None, lengths, 16, 1, scale, backend)
+                                k, v, None, lengths, 16, 1, scale, backend, max_length)
 
 
 @_flash_decode_dense.register_fake
-def _(q, k, v, lengths, scale, backend):
+def _(q, k, v, lengths, scale, backend, max_length=0):
     return torch.empty_like(q)
 
 

@@ -241,8 +241,11 @@ def check_inputs(q: object, k: object, q_weight: object, k_weight: object, cos: 
 
 
 def _check_position_range(positions: Tensor, max_pos: int) -> None:
-    """Data-dependent check for the reference path (skipped while torch.compile traces)."""
+    """Data-dependent check for the reference path (skipped while torch.compile traces or a
+    CUDA graph captures: a host read cannot be captured, generate/graph_step.py)."""
     if positions.numel() == 0 or torch.compiler.is_compiling():
+        return
+    if positions.is_cuda and torch.cuda.is_current_stream_capturing():
         return
     lo, hi = int(positions.min()), int(positions.max())
     if lo < 0 or hi >= max_pos:

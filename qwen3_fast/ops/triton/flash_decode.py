@@ -180,14 +180,16 @@ def flash_decode_forward(q: Tensor, k_u: Optional[Tensor], k_l: Optional[Tensor]
                          v_u: Optional[Tensor], v_l: Optional[Tensor], v_min: Optional[Tensor],
                          v_scale: Optional[Tensor], k_buf: Tensor, v_buf: Tensor,
                          n_quant: Optional[Tensor], lengths: Tensor, precision: int,
-                         group_size: int, scale: float) -> Tensor:
+                         group_size: int, scale: float, max_length: int = 0) -> Tensor:
+    # max_length > 0: the splits cover it without reading lengths.max() from the device
+    # (a captured decode step; empty splits have lse -inf and weigh 0 in the merge)
     b, hq, n, d = q.shape
     if d & (d - 1):
         raise ValueError(f"the Triton flash_decode needs a power-of-two head_dim, got {d}")
     hkv, ring = k_buf.shape[1], k_buf.shape[2]
     rp = max(16, triton.next_power_of_2((hq // hkv) * n))
     bt = 32
-    max_len = int(lengths.max())
+    max_len = max_length or int(lengths.max())
     if q.device.type == "cuda":
         sms = torch.cuda.get_device_properties(q.device).multi_processor_count
         want = max(1, (2 * sms) // max(1, b * hkv))
