@@ -174,8 +174,10 @@ def test_moe_checkpoint_and_errors(tmp_path, llm):
         llm.generate([[]])
 
 
-def test_finished_long_prompt_does_not_outgrow_the_cache(model_dir):
+@pytest.mark.parametrize("sync_every", [1, 8])  # 8: CUDA's windowed host sync
+def test_finished_long_prompt_does_not_outgrow_the_cache(model_dir, sync_every):
     small = LLM(model_dir, max_seq_len=40)
+    small.sync_every = sync_every
     long_prompt = list(range(100, 130))  # 30 tokens: room for 10 new ones
     outs = small.generate([long_prompt, [5, 6, 7]], SamplingParams(**GREEDY))
     assert [len(o.token_ids) for o in outs] == [10, 37]

@@ -18,8 +18,22 @@ Host synchronization: the new tokens are copied to the host every ``sync_every``
 the CPU that is every step (the copy is free there, and stopping exactly saves work); on CUDA
 it is every 8 steps unless streaming or a thinking budget needs each token as it comes (a
 sequence that finished mid-window is simply cut; the extra steps cost less than 8 syncs).
-The layers below still synchronize inside a step on CUDA (the model's RoPE table size reads
-``positions.max()``, the CUDA flash-decode split reads ``lengths.max()``).
+The eager step below still synchronizes inside each step on CUDA: the cache's
+``begin_step`` / ``rollback`` copy the Python lengths to the device, the model's RoPE table
+size reads ``positions.max()``, flash-decode sizes its work from ``lengths.max()`` and the
+reference RoPE checks the position range.
+
+``cuda_graph=True`` (or QWEN3_FAST_CUDA_GRAPH=1) replaces that step by the device-side one of
+:mod:`~qwen3_fast.generate.graph_step` (positions, cache writes, attention lengths, sampling
+and the length update all on the device; the host advances its Python lengths by one per
+running sequence, never reading them back; finished sequences are dropped by an ``active``
+mask instead of a rollback), captured as one CUDA graph per (batch size, sampling
+structure) and replayed per token; on the CPU it runs uncaptured. With it the per-token
+host work on CUDA is: the graph replay, a device copy of the tokens, a pinned
+non-blocking copy of ``active`` when a sequence finishes, and the window's token copy
+every ``sync_every`` steps. It is OFF by default because no GPU has run it yet; it covers
+dense caches of dense models (the int8 cache, MoE models and speculative decoding decode
+eagerly).
 
 Thinking budget: once a sequence has generated ``thinking_budget`` tokens without ``</think>``
 the engine feeds the tokens of :data:`~qwen3_fast.generate.params.BUDGET_SENTENCE` in place of
@@ -27,9 +41,7 @@ the sampled ones, one per step (keeping the batch's uniform step), then sampling
 the answer.
 
 Caches are preallocated per batch size (one per distinct size seen, ``max_seq_len`` long) and
-reset between calls. Not done yet: CUDA-graph capture of the decode step (the model's cache
-step keeps Python-side lengths, which a captured graph would freeze); no GPU has run this
-engine.
+reset between calls. No GPU has run this engine yet.
 """
 from __future__ import annotations
 
@@ -153,11 +165,15 @@ class LLM:
     speculative : a :class:`~qwen3_fast.generate.speculative.QuantSpecConfig` for
         self-speculative decoding (needs kv_cache="int8"; its group_size replaces
         `group_size`), or None for plain decoding
+    cuda_graph : decode with the device-side step (generate/graph_step.py), captured as a
+        CUDA graph on CUDA; None reads QWEN3_FAST_CUDA_GRAPH ("1": on). Off by default: not
+        yet run on a GPU. Dense caches of dense models only (others decode eagerly).
     """
 
     def __init__(self, model_dir: Union[str, os.PathLike], dtype: Optional[torch.dtype] = None,
                  device=None, kv_cache: str = "bf16", max_batch_size: int = 8,
-                 max_seq_len: int = 4096, group_size: int = 128, speculative=None):
+                 max_seq_len: int = 4096, group_size: int = 128, speculative=None,
+                 cuda_graph: Optional[bool] = None):
         from qwen3_fast.generate.speculative import QuantSpecConfig
         from qwen3_fast.model import Qwen3ForCausalLM
         from qwen3_fast.tokenizer import Qwen3Tokenizer
@@ -184,12 +200,12 @@ class LLM:
         self.model_dir = model_dir
         self._setup(Qwen3ForCausalLM.from_pretrained(model_dir, dtype=dtype, device=device),
                     Qwen3Tokenizer.from_pretrained(model_dir), load_generation_config(model_dir),
-                    kv_cache, max_batch_size, max_seq_len, group_size, speculative)
+                    kv_cache, max_batch_size, max_seq_len, group_size, speculative, cuda_graph)
 
     @classmethod
     def from_model(cls, model, tokenizer, generation_config: Optional[dict] = None,
                    kv_cache: str = "bf16", max_batch_size: int = 8, max_seq_len: int = 4096,
-                   group_size: int = 128) -> "LLM":
+                   group_size: int = 128, cuda_graph: Optional[bool] = None) -> "LLM":
         """An engine over a model already in memory (training rollouts: GRPO, on-policy
         distillation). The engine reads the live weights, so it always generates with the
         current policy; it runs under inference_mode and never changes them.
@@ -212,11 +228,12 @@ class LLM:
         self = cls.__new__(cls)
         self.model_dir = None
         self._setup(model, tokenizer, dict(generation_config or {}), kv_cache, max_batch_size,
-                    max_seq_len, group_size, None)
+                    max_seq_len, group_size, None, cuda_graph)
         return self
 
     def _setup(self, model, tokenizer, generation_config: dict, kv_cache: str,
-               max_batch_size: int, max_seq_len: int, group_size: int, speculative) -> None:
+               max_batch_size: int, max_seq_len: int, group_size: int, speculative,
+               cuda_graph: Optional[bool] = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.generation_config = generation_config
@@ -231,6 +248,16 @@ class LLM:
 
             attach_draft_weights(self.model, draft_group_size(self.model, 128))
         self._caches: dict[int, object] = {}
+        if cuda_graph is None:
+            cuda_graph = os.environ.get("QWEN3_FAST_CUDA_GRAPH", "0") == "1"
+        if not isinstance(cuda_graph, bool):
+            raise TypeError(f"cuda_graph must be a bool or None, got {type(cuda_graph).__name__}")
+        self.cuda_graph = cuda_graph
+        self._graph_runner = None
+        if self.cuda_graph and speculative is None:
+            from qwen3_fast.generate.graph_step import GraphDecodeRunner
+
+            self._graph_runner = GraphDecodeRunner(self.model)
         eos = list(self.tokenizer.eos_token_ids) + list(self.generation_config.get("eos_token_id", []))
         cfg_eos = self.model.config.eos_token_id
         eos += [cfg_eos] if isinstance(cfg_eos, int) else list(cfg_eos or [])
@@ -373,6 +400,8 @@ class LLM:
         cache = self._cache(b)
         t0 = time.perf_counter()
         tokens = sampler.sample(prefill(model, prompts, cache))  # [B]
+        runner = self._graph_runner  # device-side step (cuda_graph=True): no rollback
+        bound = runner.bind(cache, sampler) if runner and runner.supports(cache) else None
         first = True
         prefill_s = decode_s = 0.0
         t_decode = t0
@@ -408,8 +437,18 @@ class LLM:
                     break
             if last_step:
                 break
+            if bound is not None:
+                # a row goes on unless finished; one that produced `limit` tokens in this
+                # window (not pushed yet) is finished for sure: it must not outgrow the cache
+                active = [not row.done and len(row.ids) + len(pending) < row.limit
+                          for row in rows]
+                with cpu_thread_cap(decode_thread_cap(model, cache)):
+                    tokens = bound.step(tokens, active)
+                continue
             logits = decode_step(model, tokens, cache)
-            done = [1 if row.done else 0 for row in rows]
+            # finished for sure: row.done, or (between host syncs, CUDA) `limit` tokens made
+            done = [1 if row.done or len(row.ids) + len(pending) >= row.limit else 0
+                    for row in rows]
             if any(done):
                 # finished rows are still fed (uniform steps); dropping their new entry keeps
                 # their cache length fixed, so a short finished prompt next to a long-running
