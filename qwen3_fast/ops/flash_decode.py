@@ -146,7 +146,7 @@ def _cuda_forward(q, k_u, k_l, k_min, k_scale, v_u, v_l, v_min, v_scale, k_buf, 
 
 
 # ------------------------------------------------------------------ custom ops
-@torch.library.custom_op("qwen3_fast::flash_decode_dense", mutates_args=())
+@_backend.custom_op("qwen3_fast::flash_decode_dense")
 def _flash_decode_dense(q: Tensor, k: Tensor, v: Tensor, lengths: Tensor, scale: float,
                         backend: str, max_length: int = 0) -> Tensor:
     return flash_decode_forward(q.contiguous(), None, None, None, None, None, None, None, None,
@@ -158,7 +158,7 @@ def _(q, k, v, lengths, scale, backend, max_length=0):
     return torch.empty_like(q)
 
 
-@torch.library.custom_op("qwen3_fast::flash_decode_hier", mutates_args=())
+@_backend.custom_op("qwen3_fast::flash_decode_hier")
 def _flash_decode_hier(q: Tensor, k_u: Tensor, k_l: Tensor, k_min: Tensor, k_scale: Tensor,
                        v_u: Tensor, v_l: Tensor, v_min: Tensor, v_scale: Tensor, k_buf: Tensor,
                        v_buf: Tensor, n_quant: Tensor, lengths: Tensor, precision: int,
@@ -223,10 +223,10 @@ def flash_decode(q: Tensor, cache, layer: int, precision: int = 16,
         raise ValueError(f"scale must be a positive float, got {scale!r}")
     backend = _backend.resolve("flash_decode", q)
     if precision == 16:
-        return _flash_decode_dense(q, cache.k[layer], cache.v[layer], cache.lengths,
-                                   float(scale), backend)
+        return _backend.call_op(_flash_decode_dense, q, cache.k[layer], cache.v[layer],
+                                cache.lengths, float(scale), backend)
     c = cache
-    return _flash_decode_hier(q, c.k_u[layer], c.k_l[layer], c.k_min[layer], c.k_scale[layer],
-                              c.v_u[layer], c.v_l[layer], c.v_min[layer], c.v_scale[layer],
-                              c.k_buf[layer], c.v_buf[layer], c.n_quant, c.lengths, precision,
-                              c.group_size, float(scale), backend)
+    return _backend.call_op(_flash_decode_hier, q, c.k_u[layer], c.k_l[layer], c.k_min[layer],
+                            c.k_scale[layer], c.v_u[layer], c.v_l[layer], c.v_min[layer],
+                            c.v_scale[layer], c.k_buf[layer], c.v_buf[layer], c.n_quant,
+                            c.lengths, precision, c.group_size, float(scale), backend)
