@@ -23,7 +23,8 @@
 // of the call, which sit in one register block (up to 12 rows x 32 lanes with AVX-512), so
 // the verify's R = 10 rows decode each tile once. Scores of a key tile stay in the nibble
 // order (16 even tokens, then 16 odd: tok_of), which softmax and the value pass follow.
-// The dense cache is the buffer-only case (ring = T, n_quant = 0).
+// The dense cache is the buffer-only case (ring = T, n_quant = 0). In bf16 with AVX512-BF16
+// and head_dim 32/64/128/256 the buffer pass runs flash_decode_bf16.h (no float copies).
 //
 // Verify variant: n > 1 new tokens per sequence; query i sits at p = length - n + i and reads
 // keys up to there (causal among the new tokens), codes for [0, nq_i) and the ring for
@@ -43,6 +44,9 @@
 #include "cpu_math.h"
 #include "kernels.h"
 #include "qwen3_fast/kv_quant_math.h"
+#if defined(__AVX512BF16__)
+#include "flash_decode_bf16.h"
+#endif
 
 namespace qwen3_fast::cpu {
 
@@ -137,6 +141,7 @@ __attribute__((always_inline)) inline void with_rows(std::int64_t nr, F&& f) {
     else with_rows<N - 1>(nr, f);
   }
 }
+
 
 template <typename T>
 struct FD {
@@ -517,9 +522,28 @@ void run_item(const FD<T>& a, const Item& it, Scratch& sc, float* o_part, float*
     sc.lo[r] = sc.nqr[r];
     sc.hi[r] = sc.limit[r];
   }
+#if defined(__AVX512BF16__)
+  bool split = false;  // accn in bf16_value_accumulate's pair-split order
+#endif
   for (std::int64_t t0 = std::max(it.t0, sc.nqr[0]); t0 < it.t1;) {
     const int nb = static_cast<int>(std::min<std::int64_t>(kBlock, it.t1 - t0));
-    for (int j = 0; j < nb; ++j) {
+    bool scored = false;
+#if defined(__AVX512BF16__)
+    if constexpr (std::is_same_v<T, bf16>) {
+      if (const int nc = fd_bf16::bf16_key_chunks(D)) {
+        const bf16* rows[kBlock];
+        for (int j = 0; j < nb; ++j) rows[j] = a.kbuf + (bh * a.ring + (t0 + j) % a.ring) * D;
+        switch (nc) {
+          case 1: fd_bf16::bf16_key_scores<1>(q, R, rows, nb, a.scale, sc.s.data(), sc.ld); break;
+          case 2: fd_bf16::bf16_key_scores<2>(q, R, rows, nb, a.scale, sc.s.data(), sc.ld); break;
+          case 4: fd_bf16::bf16_key_scores<4>(q, R, rows, nb, a.scale, sc.s.data(), sc.ld); break;
+          default: fd_bf16::bf16_key_scores<8>(q, R, rows, nb, a.scale, sc.s.data(), sc.ld); break;
+        }
+        scored = true;
+      }
+    }
+#endif
+    for (int j = 0; j < nb && !scored; ++j) {
       const T* kr = a.kbuf + (bh * a.ring + (t0 + j) % a.ring) * D;
       float* kf = sc.kf.data();
 #pragma omp simd
@@ -527,6 +551,24 @@ void run_item(const FD<T>& a, const Item& it, Scratch& sc, float* o_part, float*
       for (std::int64_t r = 0; r < R; ++r) sc.s[r * sc.ld + j] = dot(sc.qn.data() + r * D, kf, D);
     }
     softmax_block(sc, R, D, nb, t0, 0);
+#if defined(__AVX512BF16__)
+    if constexpr (std::is_same_v<T, bf16>) {
+      if (scored) {  // the bf16 path: accn in pair-split order until the pass ends
+        const bf16* rows[kBlock];
+        for (int j = 0; j < nb; ++j) rows[j] = a.vbuf + (bh * a.ring + (t0 + j) % a.ring) * D;
+        float* p = sc.s.data();
+        switch (fd_bf16::bf16_key_chunks(D)) {
+          case 1: fd_bf16::bf16_value_accumulate<1>(p, sc.ld, R, rows, nb, sc.accn.data()); break;
+          case 2: fd_bf16::bf16_value_accumulate<2>(p, sc.ld, R, rows, nb, sc.accn.data()); break;
+          case 4: fd_bf16::bf16_value_accumulate<4>(p, sc.ld, R, rows, nb, sc.accn.data()); break;
+          default: fd_bf16::bf16_value_accumulate<8>(p, sc.ld, R, rows, nb, sc.accn.data()); break;
+        }
+        split = true;
+        t0 += nb;
+        continue;
+      }
+    }
+#endif
     for (int j = 0; j < nb; ++j) {
       const T* vr = a.vbuf + (bh * a.ring + (t0 + j) % a.ring) * D;
       float* vf = sc.vf.data();
@@ -539,6 +581,9 @@ void run_item(const FD<T>& a, const Item& it, Scratch& sc, float* o_part, float*
     }
     t0 += nb;
   }
+#if defined(__AVX512BF16__)
+  if (split) fd_bf16::bf16_unsplit_rows(sc.accn.data(), R, D);
+#endif
 
   for (std::int64_t r = 0; r < R; ++r) {
     const float lr = sc.l[r];

@@ -98,6 +98,16 @@ def test_single_sequence(device, backend, length):
 
 
 @pytest.mark.parametrize("device,backend", compiled_backends())
+@pytest.mark.parametrize("d", [32, 256, 80])  # the CPU's bf16 fast path: 32..256; 80: generic
+@pytest.mark.parametrize("n", [1, 3])
+def test_bf16_head_dims(device, backend, d, n):
+    lengths = [3, 40, 97]  # a partial block of 32 tokens, several blocks, a tail
+    dense, hier, kf, vf = make_caches(lengths, hkv=2, d=d, g=16, device=device, decode_steps=2)
+    q = torch.randn(len(lengths), 8, n, d, generator=torch.Generator().manual_seed(5))
+    _check(backend, q.to(torch.bfloat16).to(device), dense, hier, kf.to(device), vf.to(device))
+
+
+@pytest.mark.parametrize("device,backend", compiled_backends())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n", [1, 5])
 def test_ragged_batch_and_verify(device, backend, dtype, n):
