@@ -5,7 +5,7 @@ import random
 import pytest
 
 from qwen3_fast.demo.tasks import (LEVELS, TASKS, extract_answer, make_problem, problems,
-                                   task_reward, verify)
+                                   task_reward, task_reward_in_mode, verify)
 
 
 def _eval_steps(p):
@@ -87,3 +87,22 @@ def test_task_reward_reads_the_answer_after_the_think_block():
     # a right number inside the reasoning only does not count
     assert task_reward("<think>\n17\n</think>\n\n16", sample) == 0.0
     assert task_reward("17", sample) == 1.0
+
+
+def test_task_reward_in_mode_needs_the_right_answer_in_the_asked_mode():
+    def sample(content, **kw):
+        return {"task": "sum", "answer": "17",
+                "messages": [{"role": "user", "content": content}], **kw}
+
+    thought, direct = "<think>\n2 + 15 = 17\n</think>\n\n17", "<think>\n\n</think>\n\n17"
+    assert task_reward_in_mode(thought, sample("What is 2 + 15?")) == 1.0
+    assert task_reward_in_mode(direct, sample("What is 2 + 15? /no_think")) == 1.0
+    # right answers in the wrong mode earn nothing (task_reward alone gives them 1.0)
+    assert task_reward_in_mode(direct, sample("What is 2 + 15? /think")) == 0.0
+    assert task_reward_in_mode(thought, sample("What is 2 + 15? /no_think")) == 0.0
+    # enable_thinking false: the prompt holds the empty block, reasoning after it is off-mode
+    off = sample("What is 2 + 15?", enable_thinking=False)
+    assert task_reward_in_mode("17", off) == 1.0
+    assert task_reward("2 + 15 = 17\n</think>\n\n17", off) == 1.0
+    assert task_reward_in_mode("2 + 15 = 17\n</think>\n\n17", off) == 0.0
+    assert task_reward_in_mode("16", off) == 0.0

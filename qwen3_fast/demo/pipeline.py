@@ -62,12 +62,15 @@ MOE = {"default": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_si
 SETTINGS = {
     "default": dict(
         vocab_size=384, seq_len=256, long_seq_len=768, sft_seq_len=512, mb=8,
-        steps=dict(s1=250, s2=150, s3=10, cold_start=250, reasoning_rl=30, fusion=120,
+        steps=dict(s1=250, s2=150, s3=10, cold_start=250, reasoning_rl=40, fusion=120,
                    general_rl=16, student_base=300, off_policy=80, on_policy=16,
                    student_cold_start=100, student_rl=30),
         sizes=dict(general=3000, reasoning=3000, long=200, sft=1000, rl=600, distill=80,
                    eval=120),
         rollout=dict(prompts_per_step=8, num_generations=4, max_new_tokens=96),
+        # the teacher's two RL stages: bigger groups (a steadier advantage per prompt)
+        teacher_rollout={"reasoning_rl": dict(prompts_per_step=6, num_generations=8),
+                         "general_rl": dict(prompts_per_step=8, num_generations=8)},
         filter=dict(candidates=128, k=4, min_keep=32, batch=128),
         eval_modes=None, eval_batch=120, eval_seq=320, max_think_tokens=128,
         budgets=[0, 8, 16, 32, 64], pass_k=4, pass_k_problems=None, spec_new_tokens=192,
@@ -79,6 +82,7 @@ SETTINGS = {
                    student_cold_start=8, student_rl=2),
         sizes=dict(general=200, reasoning=200, long=30, sft=120, rl=60, distill=6, eval=6),
         rollout=dict(prompts_per_step=2, num_generations=2, max_new_tokens=24),
+        teacher_rollout={},
         filter=dict(candidates=12, k=2, min_keep=4, batch=24),
         eval_modes=6, eval_batch=12, eval_seq=160, max_think_tokens=32, budgets=[0, 8, 16],
         pass_k=2,

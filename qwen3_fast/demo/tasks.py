@@ -215,5 +215,16 @@ def task_reward(completion_text: str, sample: dict) -> float:
     return float(verify(sample.get("task", "sum"), answer, str(sample["answer"])))
 
 
+def task_reward_in_mode(completion_text: str, sample: dict) -> float:
+    """General-RL reward (function: qwen3_fast.demo.tasks:task_reward_in_mode): 1.0 when
+    the answer verifies AND the reply follows the requested mode (train/rewards.py
+    mode_reward). Ungated, a reply that reasons where no thinking was asked earned the
+    accuracy it buys that way (0.3 against 0.07 for the tiny teacher), which cancelled the
+    mode reward: 16 general-RL steps left the reward flat."""
+    from qwen3_fast.train.rewards import mode_reward
+
+    return task_reward(completion_text, sample) * mode_reward(completion_text, sample)
+
+
 __all__ = ["GENERATORS", "LEVELS", "MULTI_STEP_TASKS", "Problem", "TASKS", "extract_answer",
-           "make_problem", "problems", "task_reward", "verify"]
+           "make_problem", "problems", "task_reward", "task_reward_in_mode", "verify"]
