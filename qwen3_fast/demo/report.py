@@ -223,6 +223,23 @@ def _fmt(v) -> str:
     return "-" if v is None else str(v)
 
 
+def _distillation_account(fig: dict) -> str:
+    """Why distillation may lose here, from the run's own figures: how good the teacher it
+    copies is, and whether the gap is inside the evaluation's noise."""
+    d, r = fig["student"].get("distillation") or {}, fig["student"].get("rl") or {}
+    teacher = fig["stages"].get("general_rl", {})
+    n = teacher.get("eval_problems") or 0
+    if "pass@1" not in d or "pass@1" not in r or not n or teacher.get("acc_think") is None:
+        return ""
+    noise = 1 / math.sqrt(n)
+    gap = r["pass@1"] - d["pass@1"]
+    within = "inside" if gap <= noise else "outside"
+    return (f" (pass@1 {_fmt(d['pass@1'])} vs {_fmt(r['pass@1'])}: a gap of {_fmt(gap)}, "
+            f"{within} the +-{_fmt(noise)} a {n}-problem evaluation moves by; the teacher it "
+            f"copies solves {_fmt(teacher['acc_think'])} of the problems itself in thinking mode, "
+            "where Qwen3's distillation result rests on a far stronger teacher)")
+
+
 def _verdicts(fig: dict) -> list[str]:
     c, lines = fig["checks"], []
 
@@ -241,7 +258,8 @@ def _verdicts(fig: dict) -> list[str]:
                      f"{'raised' if ok else 'did not raise'} the mean reward (last third of its "
                      f"steps over the first third by more than {REWARD_MARGIN})")
     say("distillation_beats_rl_pass1", "the distilled student beats the RL-trained student "
-        "(pass@1)", "the distilled student did not beat the RL-trained student on pass@1")
+        "(pass@1)", "the distilled student did not beat the RL-trained student on pass@1"
+        + _distillation_account(fig))
     say("distillation_cheaper", "the distillation route used fewer CPU-seconds",
         "the distillation route used more CPU-seconds than the RL route")
     say("speculative_speedup_gt_1", "self-speculative decoding was faster than plain int8 "
