@@ -217,6 +217,10 @@ def test_explicit_cpu_backends_match_the_default(backend):
 
 def test_cuda_kernel_choice_follows_the_environment(monkeypatch):
     monkeypatch.delenv("QWEN3_FAST_GROUPED_GEMM", raising=False)
+    # verified on the 2026-11-29 H200 run: the cuda backend takes CUTLASS where it applies
+    assert "cutlass" in gg._backend.GPU_VERIFIED["grouped_gemm"]
+    assert gg._cuda_kernel_is_cutlass() is True
+    monkeypatch.setattr(gg._backend, "GPU_VERIFIED", {"grouped_gemm": ("cuda",)})
     assert gg._cuda_kernel_is_cutlass() is False  # not GPU-verified: the tiled kernel
     monkeypatch.setattr(gg._backend, "GPU_VERIFIED", {"grouped_gemm": ("cutlass", "cuda")})
     assert gg._cuda_kernel_is_cutlass() is True
