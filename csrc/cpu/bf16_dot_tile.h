@@ -59,19 +59,17 @@ void micro_tile(const bf16* x, const bf16* w, int nr, std::int64_t k, bf16* y,
     for (int j = 0; j < nr; ++j) y[i * ldy + j] = from_float<bf16>(sums[i][j]);
 }
 
-// All m rows against weight rows w[0..nr), nr <= NR: the weight tile (nr * k * 2 bytes)
+// All m rows against weight rows w[0..nr), nr <= kNR: the weight tile (nr * k * 2 bytes)
 // comes from memory on the first row group and from L1/L2 for the others. Row groups of
-// 16 / NR rows keep MR * NR = 16 accumulators.
-template <int NR = kNR>
+// kMR rows keep kMR * kNR = 16 accumulators.
 inline void tile_all_rows(const bf16* x, std::int64_t m, const bf16* w, int nr,
                           std::int64_t k, bf16* y, std::int64_t ldy) {
-  constexpr int MR = 16 / NR;
   std::int64_t r = 0;
-  for (; r + MR <= m; r += MR) micro_tile<MR, NR>(x + r * k, w, nr, k, y + r * ldy, ldy);
+  for (; r + kMR <= m; r += kMR) micro_tile<kMR>(x + r * k, w, nr, k, y + r * ldy, ldy);
   switch (m - r) {
-    case 3: micro_tile<3, NR>(x + r * k, w, nr, k, y + r * ldy, ldy); break;
-    case 2: micro_tile<2, NR>(x + r * k, w, nr, k, y + r * ldy, ldy); break;
-    case 1: micro_tile<1, NR>(x + r * k, w, nr, k, y + r * ldy, ldy); break;
+    case 3: micro_tile<3>(x + r * k, w, nr, k, y + r * ldy, ldy); break;
+    case 2: micro_tile<2>(x + r * k, w, nr, k, y + r * ldy, ldy); break;
+    case 1: micro_tile<1>(x + r * k, w, nr, k, y + r * ldy, ldy); break;
     default: break;
   }
 }

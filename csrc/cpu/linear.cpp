@@ -30,17 +30,16 @@ constexpr std::int64_t kMaxRows = 16;
 #if defined(__AVX512BF16__)
 using bf16_tile::kNR;
 
-// y = x @ w^T with NR-row weight tiles; static schedule: each thread streams one
+// y = x @ w^T with kNR-row weight tiles; static schedule: each thread streams one
 // contiguous slice of weight rows, once, in order.
-template <int NR>
 void linear_tiles(const bf16* xp, const bf16* wp, bf16* yp, std::int64_t m, std::int64_t n,
                   std::int64_t k, int num_threads) {
-  const std::int64_t tiles = (n + NR - 1) / NR;
+  const std::int64_t tiles = (n + kNR - 1) / kNR;
 #pragma omp parallel for num_threads(clamp_threads(num_threads)) schedule(static)
   for (std::int64_t t = 0; t < tiles; ++t) {
-    const std::int64_t j0 = t * NR;
-    const int nr = static_cast<int>(std::min<std::int64_t>(NR, n - j0));
-    bf16_tile::tile_all_rows<NR>(xp, m, wp + j0 * k, nr, k, yp + j0, n);
+    const std::int64_t j0 = t * kNR;
+    const int nr = static_cast<int>(std::min<std::int64_t>(kNR, n - j0));
+    bf16_tile::tile_all_rows(xp, m, wp + j0 * k, nr, k, yp + j0, n);
   }
 }
 
@@ -110,7 +109,7 @@ void linear_bf16(ptr x, ptr w, ptr y, std::int64_t m, std::int64_t n, std::int64
   } else if (m == 2) {
     linear_rows<2>(xp, wp, yp, n, k, num_threads);
   } else {
-    linear_tiles<kNR>(xp, wp, yp, m, n, k, num_threads);
+    linear_tiles(xp, wp, yp, m, n, k, num_threads);
   }
 #else
   // Portable path: x converted to float32 once, then per weight row a float dot product
