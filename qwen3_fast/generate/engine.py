@@ -51,6 +51,7 @@ from typing import Iterator, Optional, Sequence, Union
 
 import torch
 
+from qwen3_fast.generate import cpu_step
 from qwen3_fast.generate.params import (BUDGET_SENTENCE, RequestOutput, SamplingParams,
                                         StreamEvent, load_generation_config, mode_defaults)
 from qwen3_fast.generate.sampling import BatchSampler
@@ -102,6 +103,9 @@ def decode_thread_cap(model, cache) -> Optional[int]:
 def decode_step(model, tokens: torch.Tensor, cache) -> torch.Tensor:
     """tokens [B] -> next-token logits [B, V] (one token per sequence through the cache)."""
     with cpu_thread_cap(decode_thread_cap(model, cache)):
+        if model.device.type == "cpu" and cpu_step.unsupported_reason(
+                model, cache, tokens.shape[0]) is None:
+            return cpu_step.decode_logits(model, tokens, cache)  # same logits, one C++ call
         return model(tokens.view(-1, 1), cache=cache).logits[:, -1]
 
 

@@ -48,6 +48,15 @@ def cpu_thread_cap(n: int | None):
 UNCAPPED_STREAM_BYTES = 1 << 20
 
 
+def cpu_threads(stream_bytes: int = 0) -> int:
+    """OpenMP threads for a CPU kernel that streams `stream_bytes` from memory: torch's
+    thread count, under the cpu_thread_cap unless stream_bytes >= UNCAPPED_STREAM_BYTES."""
+    threads = torch.get_num_threads()
+    if _cpu_thread_cap is not None and stream_bytes < UNCAPPED_STREAM_BYTES:
+        threads = min(threads, _cpu_thread_cap)
+    return threads
+
+
 def launch(backend: str, name: str, device: torch.device, *args, stream_bytes: int = 0) -> None:
     """Call `<name>_<backend>` with the thread count (cpu) or current stream (cuda).
 
@@ -55,10 +64,7 @@ def launch(backend: str, name: str, device: torch.device, *args, stream_bytes: i
     UNCAPPED_STREAM_BYTES lifts the cpu_thread_cap."""
     C = _ext.extension()
     if backend == "cpu":
-        threads = torch.get_num_threads()
-        if _cpu_thread_cap is not None and stream_bytes < UNCAPPED_STREAM_BYTES:
-            threads = min(threads, _cpu_thread_cap)
-        getattr(C, f"{name}_cpu")(*args, threads)
+        getattr(C, f"{name}_cpu")(*args, cpu_threads(stream_bytes))
     elif backend == "cuda":
         with torch.cuda.device(device):
             stream = torch.cuda.current_stream(device).cuda_stream

@@ -1,0 +1,148 @@
+// One decode step (one new token per sequence) through every decoder layer of a dense
+// bfloat16 Qwen3 model over a dense bfloat16 KV cache, in one call from Python.
+//
+// Why: a decode step of Qwen3-0.6B at batch 1 makes ~14 kernel calls per layer, 400 in all,
+// and each costs ~35 us of Python around a kernel that runs for microseconds (checks, backend
+// choice, tensor allocation, argument marshalling): ~15 ms of a ~70 ms step that is
+// otherwise bound by reading the weights. This loop calls the same kernels (rms_norm,
+// add_rms_norm, linear, qk_norm_rope, flash_decode, silu_and_mul), in the same order, on the
+// same inputs, with the same thread counts as the eager path in qwen3_fast/model/layers.py,
+// so its output is bitwise the eager step's (python_tests/generate/test_cpu_step.py checks
+// that); it changes no arithmetic, only where the loop runs. The Python side
+// (qwen3_fast/generate/cpu_step.py) decides when it applies and falls back to the eager
+// model otherwise (MoE layers, quantized caches, hooks, autograd, other dtypes, ...).
+#include <cstring>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "cpu_math.h"
+#include "kernels.h"
+
+namespace qwen3_fast::cpu {
+
+namespace {
+constexpr int kBF16 = 2;  // dtype code (common.h DType)
+// Weight pointers per layer, in the order of decode_layers_bf16's `weights` table.
+enum Slot { kInNorm, kQ, kK, kV, kQNorm, kKNorm, kO, kPostNorm, kGate, kUp, kDown, kSlots };
+}  // namespace
+
+void decode_layers_bf16(ptr x, ptr weights, ptr k_cache, ptr v_cache, ptr lengths, ptr cos,
+                        ptr sin, ptr final_norm, ptr out, std::int64_t batch,
+                        std::int64_t layers, std::int64_t hidden, std::int64_t heads_q,
+                        std::int64_t heads_kv, std::int64_t head_dim, std::int64_t inter,
+                        std::int64_t max_length, std::int64_t max_pos, double eps,
+                        double scale, int threads, int small_threads,
+                        std::int64_t uncapped_stream_bytes) {
+  check_arg(batch > 0 && batch <= 16, "decode_layers: batch must be in [1, 16] (the skinny "
+                                      "linear kernel's rows), got " + std::to_string(batch));
+  check_arg(layers > 0 && hidden > 0 && heads_kv > 0 && heads_q % heads_kv == 0 &&
+                head_dim > 0 && head_dim % 2 == 0 && inter > 0 && max_length > 0 && max_pos > 0,
+            "decode_layers: bad sizes");
+  check_ptr(x, "x"); check_ptr(weights, "weights"); check_ptr(k_cache, "k_cache");
+  check_ptr(v_cache, "v_cache"); check_ptr(lengths, "lengths"); check_ptr(cos, "cos");
+  check_ptr(sin, "sin"); check_ptr(final_norm, "final_norm"); check_ptr(out, "out");
+  const auto* len = reinterpret_cast<const std::int32_t*>(lengths);
+  std::vector<std::int64_t> pos(batch);  // the new token's position: length - 1
+  std::int64_t kv_tokens = 0;
+  for (std::int64_t b = 0; b < batch; ++b) {
+    check_arg(len[b] >= 1 && len[b] <= max_length && len[b] <= max_pos,
+              "decode_layers: sequence " + std::to_string(b) + " has length " +
+                  std::to_string(len[b]) + "; expected 1..min(max_length, rope positions)");
+    pos[b] = len[b] - 1;
+    kv_tokens += len[b];
+  }
+  const auto* table = reinterpret_cast<const std::int64_t*>(weights);
+  const std::int64_t qd = heads_q * head_dim, kvd = heads_kv * head_dim;
+  // The eager path's thread rule (ops/_kernel_args.launch): a kernel that streams at least
+  // uncapped_stream_bytes gets `threads`, any other `small_threads` (the engine's cap).
+  auto team = [&](std::int64_t stream_bytes) {
+    return stream_bytes >= uncapped_stream_bytes ? threads : small_threads;
+  };
+  const int attn_threads = team(kv_tokens * 2 * kvd * 2);  // keys + values, bf16
+  auto linear = [&](const bf16* in, std::int64_t w, bf16* y, std::int64_t n, std::int64_t k) {
+    linear_bf16(reinterpret_cast<ptr>(in), static_cast<ptr>(w), reinterpret_cast<ptr>(y), batch,
+                n, k, team(n * k * 2));
+  };
+  // Scratch, bf16 as uint16. resid ping-pongs: add_rms_norm writes the new residual apart
+  // from the one it reads, as the eager op does.
+  std::vector<bf16> h(batch * hidden), res_a(batch * hidden), res_b(batch * hidden),
+      mlp_out(batch * hidden), q(batch * qd), k(batch * kvd), v(batch * kvd), attn(batch * qd),
+      gate_up(batch * 2 * inter), act(batch * inter), gate(batch > 1 ? batch * inter : 0),
+      up(batch > 1 ? batch * inter : 0);
+  std::vector<float> rstd(batch);
+  bf16* residual = res_a.data();
+  bf16* spare = res_b.data();
+  const std::int64_t layer_stride = batch * heads_kv * max_length * head_dim;
+  auto* kc = reinterpret_cast<bf16*>(k_cache);
+  auto* vc = reinterpret_cast<bf16*>(v_cache);
+  const bf16* layer_in = reinterpret_cast<const bf16*>(x);  // embeddings, then MLP outputs
+
+  for (std::int64_t l = 0; l < layers; ++l) {
+    const std::int64_t* w = table + l * kSlots;
+    if (l == 0) {  // residual = embeddings; h = rms_norm(embeddings)
+      std::memcpy(residual, layer_in, sizeof(bf16) * batch * hidden);
+      rms_norm_forward(reinterpret_cast<ptr>(layer_in), hidden, static_cast<ptr>(w[kInNorm]),
+                       reinterpret_cast<ptr>(h.data()), reinterpret_cast<ptr>(rstd.data()),
+                       batch, hidden, eps, kBF16, kBF16, team(0));
+    } else {
+      add_rms_norm_forward(reinterpret_cast<ptr>(layer_in), hidden, reinterpret_cast<ptr>(residual),
+                           hidden, static_cast<ptr>(w[kInNorm]), reinterpret_cast<ptr>(h.data()),
+                           reinterpret_cast<ptr>(spare), reinterpret_cast<ptr>(rstd.data()), batch,
+                           hidden, eps, kBF16, kBF16, team(0));
+      std::swap(residual, spare);
+    }
+    // attention: projections, QK-norm + RoPE in place, cache write, flash-decode, o_proj
+    linear(h.data(), w[kQ], q.data(), qd, hidden);
+    linear(h.data(), w[kK], k.data(), kvd, hidden);
+    linear(h.data(), w[kV], v.data(), kvd, hidden);
+    const auto qp = reinterpret_cast<ptr>(q.data()), kp = reinterpret_cast<ptr>(k.data());
+    qk_norm_rope_forward(qp, qd, head_dim, kp, kvd, head_dim, static_cast<ptr>(w[kQNorm]),
+                         static_cast<ptr>(w[kKNorm]), cos, sin, reinterpret_cast<ptr>(pos.data()),
+                         true, qp, qd, head_dim, kp, kvd, head_dim, 0, 0, batch, heads_q,
+                         heads_kv, head_dim, max_pos, eps, kBF16, kBF16, team(0));
+    bf16* kl = kc + l * layer_stride;
+    bf16* vl = vc + l * layer_stride;
+    for (std::int64_t b = 0; b < batch; ++b) {
+      for (std::int64_t hh = 0; hh < heads_kv; ++hh) {
+        const std::int64_t dst = ((b * heads_kv + hh) * max_length + pos[b]) * head_dim;
+        const std::int64_t src = (b * heads_kv + hh) * head_dim;
+        std::memcpy(kl + dst, k.data() + src, sizeof(bf16) * head_dim);
+        std::memcpy(vl + dst, v.data() + src, sizeof(bf16) * head_dim);
+      }
+    }
+    flash_decode(qp, 0, 0, 0, 0, 0, 0, 0, 0, reinterpret_cast<ptr>(kl), reinterpret_cast<ptr>(vl),
+                 0, lengths, reinterpret_cast<ptr>(attn.data()), batch, heads_q, heads_kv, 1,
+                 head_dim, 0, max_length, 1, head_dim, 16, scale, kBF16, attn_threads);
+    linear(attn.data(), w[kO], mlp_out.data(), hidden, qd);
+    add_rms_norm_forward(reinterpret_cast<ptr>(mlp_out.data()), hidden,
+                         reinterpret_cast<ptr>(residual), hidden, static_cast<ptr>(w[kPostNorm]),
+                         reinterpret_cast<ptr>(h.data()), reinterpret_cast<ptr>(spare),
+                         reinterpret_cast<ptr>(rstd.data()), batch, hidden, eps, kBF16, kBF16,
+                         team(0));
+    std::swap(residual, spare);
+    // SwiGLU MLP: [gate | up] rows as the eager torch.cat builds them, then down
+    if (batch == 1) {
+      linear(h.data(), w[kGate], gate_up.data(), inter, hidden);
+      linear(h.data(), w[kUp], gate_up.data() + inter, inter, hidden);
+    } else {
+      linear(h.data(), w[kGate], gate.data(), inter, hidden);
+      linear(h.data(), w[kUp], up.data(), inter, hidden);
+      for (std::int64_t b = 0; b < batch; ++b) {
+        std::memcpy(gate_up.data() + b * 2 * inter, gate.data() + b * inter, sizeof(bf16) * inter);
+        std::memcpy(gate_up.data() + b * 2 * inter + inter, up.data() + b * inter,
+                    sizeof(bf16) * inter);
+      }
+    }
+    silu_and_mul_forward(reinterpret_cast<ptr>(gate_up.data()), 2 * inter,
+                         reinterpret_cast<ptr>(act.data()), batch, inter, kBF16, team(0));
+    linear(act.data(), w[kDown], mlp_out.data(), hidden, inter);
+    layer_in = mlp_out.data();
+  }
+  add_rms_norm_forward(reinterpret_cast<ptr>(layer_in), hidden, reinterpret_cast<ptr>(residual),
+                       hidden, final_norm, out, reinterpret_cast<ptr>(spare),
+                       reinterpret_cast<ptr>(rstd.data()), batch, hidden, eps, kBF16, kBF16,
+                       team(0));
+}
+
+}  // namespace qwen3_fast::cpu

@@ -1,0 +1,203 @@
+"""The one-call CPU decode step (qwen3_fast/generate/cpu_step.py, csrc/cpu/decode_layers.cpp).
+
+It must be invisible: logits and the cache it leaves are bitwise the eager model's, step
+after step, for ragged batches, head dims with and without the vdpbf16ps attention path,
+tied and untied heads, under the engine's thread cap and without; the engine generates the
+same tokens with it on and off; and every case it does not reproduce (MoE, int8 cache,
+hooks, wrappers, autograd, fp32, forced backends, batches over 16) takes the eager model.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from gen_testlib import one_thread, tiny_model_dir  # noqa: F401 (autouse fixture)
+from qwen3_fast import LLM, SamplingParams, _ext
+from qwen3_fast.generate import cpu_step
+from qwen3_fast.generate.engine import decode_step
+from qwen3_fast.model import Qwen3Config, Qwen3ForCausalLM
+from qwen3_fast.ops import _backend
+from qwen3_fast.ops._kernel_args import cpu_thread_cap
+
+pytestmark = pytest.mark.skipif(
+    not (_ext.available() and hasattr(_ext.extension(), "decode_layers_cpu")),
+    reason="_C not built")
+
+
+def _model(head_dim=64, tied=True, layers=3, seed=0, **extra):
+    cfg = Qwen3Config(vocab_size=320, hidden_size=96, intermediate_size=160,
+                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                      head_dim=head_dim, max_position_embeddings=256, rope_theta=1e4,
+                      initializer_range=0.2, tie_word_embeddings=tied, **extra)
+    torch.manual_seed(seed)
+    model = Qwen3ForCausalLM(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model.to(torch.bfloat16).eval()
+
+
+def _prefilled(model, lens, max_len=64, kind="dense"):
+    """A cache after a right-padded prefill of rows with the given lengths."""
+    b = len(lens)
+    cache = model.new_cache(b, max_len, kind)
+    ids = torch.randint(0, model.config.vocab_size, (b, max(lens)),
+                        generator=torch.Generator().manual_seed(1))
+    mask = (torch.arange(max(lens)).view(1, -1) < torch.tensor(lens).view(-1, 1)).long()
+    with torch.inference_mode():
+        model(ids, attention_mask=mask, cache=cache, logits_to_keep=1)
+    return cache
+
+
+@pytest.mark.parametrize("head_dim,tied", [(64, True), (128, False), (80, True)])
+@pytest.mark.parametrize("lens", [[5], [5, 17, 2], [3] * 16])
+@pytest.mark.parametrize("cap", [None, 1])
+def test_bitwise_equal_to_eager(head_dim, tied, lens, cap):
+    model = _model(head_dim, tied)
+    fast, eager = _prefilled(model, lens), _prefilled(model, lens)
+    tok = torch.arange(len(lens)) + 7
+    with torch.inference_mode(), cpu_thread_cap(cap):
+        assert cpu_step.unsupported_reason(model, fast, len(lens)) is None
+        for _ in range(5):
+            a = cpu_step.decode_logits(model, tok, fast)
+            b = model(tok.view(-1, 1), cache=eager).logits[:, -1]
+            assert torch.equal(a, b)
+            assert fast.seq_lengths() == eager.seq_lengths()
+            assert torch.equal(fast.lengths, eager.lengths)
+            tok = a.argmax(-1)
+    for layer in range(model.config.num_hidden_layers):  # the written slots; the rest is 0
+        for bi, n in enumerate(eager.seq_lengths()):
+            assert torch.equal(fast.k[layer, bi, :, :n], eager.k[layer, bi, :, :n])
+            assert torch.equal(fast.v[layer, bi, :, :n], eager.v[layer, bi, :, :n])
+
+
+def test_two_threads_and_rollback():
+    """With a thread team (no cap) and after a rollback the next step still matches."""
+    model = _model(128)
+    fast, eager = _prefilled(model, [9, 4]), _prefilled(model, [9, 4])
+    tok = torch.tensor([1, 2])
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.inference_mode():
+            for c in (fast, eager):
+                model(tok.view(-1, 1), cache=c)
+                c.rollback([1, 1])
+            a = cpu_step.decode_logits(model, tok, fast)
+            b = model(tok.view(-1, 1), cache=eager).logits[:, -1]
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(a, b)
+
+
+def test_engine_decode_step_uses_it(monkeypatch):
+    model = _model()
+    cache = _prefilled(model, [4, 6])
+    calls = []
+    real = cpu_step.decode_logits
+    monkeypatch.setattr(cpu_step, "decode_logits", lambda *a: calls.append(1) or real(*a))
+    with torch.inference_mode():
+        decode_step(model, torch.tensor([3, 4]), cache)
+        monkeypatch.setenv("QWEN3_FAST_CPU_STEP", "0")
+        decode_step(model, torch.tensor([3, 4]), cache)
+    assert calls == [1]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tiny_model_dir(tmp_path_factory.mktemp("tiny_cpu_step"), layers=3)
+
+
+def test_engine_tokens_equal_with_and_without(model_dir, monkeypatch):
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14], [20, 21]]
+    params = [SamplingParams(temperature=0.0, max_new_tokens=12, ignore_eos=True),
+              SamplingParams(temperature=0.8, seed=3, max_new_tokens=9, ignore_eos=True,
+                             presence_penalty=0.5),
+              SamplingParams(temperature=0.0, max_new_tokens=5, ignore_eos=True)]
+    llm = LLM(model_dir, dtype=torch.bfloat16, max_seq_len=64)
+    with torch.inference_mode():
+        assert cpu_step.unsupported_reason(llm.model, llm.model.new_cache(3, 8), 3) is None
+    outs = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("QWEN3_FAST_CPU_STEP", flag)
+        outs[flag] = [o.token_ids for o in llm.generate(prompts, params)]
+    assert outs["1"] == outs["0"]
+    assert [len(t) for t in outs["1"]] == [12, 9, 5]
+
+
+class _Wrapped(nn.Linear):
+    """A subclass, as LoRA-style wrappers are: project() runs the module, so must we."""
+
+
+def _reasons():
+    def moe():
+        m = _model(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                   model_type="qwen3_moe")
+        return m, m.new_cache(1, 32)
+
+    def int8():
+        m = _model()
+        return m, m.new_cache(1, 32, "hierarchical")
+
+    def fp32():
+        m = _model().float()
+        return m, m.new_cache(1, 32)
+
+    def hooked():
+        m = _model()
+        m.model.layers[1].mlp.register_forward_hook(lambda *a: None)
+        return m, m.new_cache(1, 32)
+
+    def wrapped():
+        m = _model()
+        old = m.model.layers[0].self_attn.q_proj
+        new = _Wrapped(old.in_features, old.out_features, bias=False).to(torch.bfloat16)
+        m.model.layers[0].self_attn.q_proj = new
+        return m, m.new_cache(1, 32)
+
+    def eps():
+        m = _model()
+        m.model.layers[2].self_attn.k_norm.variance_epsilon = 1e-3
+        return m, m.new_cache(1, 32)
+
+    return {"moe": moe, "int8": int8, "fp32": fp32, "hooked": hooked, "wrapped": wrapped,
+            "eps": eps}
+
+
+@pytest.mark.parametrize("case", list(_reasons()))
+def test_unsupported_cases_take_the_eager_model(case):
+    model, cache = _reasons()[case]()
+    with torch.inference_mode():
+        assert cpu_step.unsupported_reason(model, cache, 1) is not None
+
+
+def test_unsupported_modes():
+    model = _model()
+    cache = model.new_cache(17, 32)
+    with torch.inference_mode():
+        assert "batch" in cpu_step.unsupported_reason(model, cache, 17)
+        with _backend.use_backend("reference"):
+            assert "forced" in cpu_step.unsupported_reason(model, model.new_cache(1, 32), 1)
+        with torch.profiler.profile():
+            assert cpu_step.unsupported_reason(model, model.new_cache(1, 32), 1) is not None
+    # autograd: the eager ops must build the graph
+    assert "grad" in cpu_step.unsupported_reason(model, model.new_cache(1, 32), 1)
+
+
+def test_launcher_checks_its_arguments():
+    C = _ext.extension()
+    lengths = torch.tensor([0], dtype=torch.int32)
+    buf = torch.zeros(64, dtype=torch.bfloat16)
+    p = buf.data_ptr()
+    args = dict(x=p, weights=p, k_cache=p, v_cache=p, lengths=lengths.data_ptr(), cos=p, sin=p,
+                final_norm=p, out=p, batch=1, layers=1, hidden=8, heads_q=2, heads_kv=1,
+                head_dim=4, inter=8, max_length=4, max_pos=4, eps=1e-6, scale=0.5, threads=1,
+                small_threads=1, uncapped_stream_bytes=1 << 20)
+    with pytest.raises(ValueError, match="length 0"):
+        C.decode_layers_cpu(**args)
+    with pytest.raises(ValueError, match="batch"):
+        C.decode_layers_cpu(**{**args, "batch": 17})
+    with pytest.raises(ValueError, match="bad sizes"):
+        C.decode_layers_cpu(**{**args, "heads_q": 3, "heads_kv": 2})
