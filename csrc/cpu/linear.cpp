@@ -49,7 +49,8 @@ void linear_tiles(const bf16* xp, const bf16* wp, bf16* yp, std::int64_t m, std:
 // accumulator chains per activation row along k (M * C <= 16 registers) hide the dpbf16
 // latency. Streaming two to four weight rows at once (reusing each x load) was slower at
 // every M on this VM (side by side, [3072 x 1024], 2 threads, 2026-11-30: at M = 8 the
-// single stream took 406 us, 2 rows 592 us, 3 rows 515 us, 4 x 4 tiles 547 us).
+// single stream took 406 us, 2 rows 592 us, 3 rows 515 us, 4 x 4 tiles 547 us). Callers
+// keep M * k small enough for x to stay in L1 (linear_bf16).
 template <int M, int C = (M <= 4 ? 4 : 2)>
 void linear_rows(const bf16* xp, const bf16* wp, bf16* yp, std::int64_t n, std::int64_t k,
                  int num_threads) {
@@ -105,24 +106,29 @@ void linear_bf16(ptr x, ptr w, ptr y, std::int64_t m, std::int64_t n, std::int64
   const bf16* wp = reinterpret_cast<const bf16*>(w);
   bf16* yp = reinterpret_cast<bf16*>(y);
 #if defined(__AVX512BF16__)
-  // Up to 8 rows (decode at batch 1-8): one weight row after the other, a single
-  // sequential stream per thread. Measured side by side on Qwen3's [151936 x 1024] LM head
-  // at m = 1 (2 threads, 2026-11-29): 23 GB/s, 92% of a plain AVX-512 read of the same
-  // bytes (25 GB/s that hour), against 20 GB/s for 16-row tiles (16 interleaved streams);
-  // on [3072 x 1024] (2026-11-30) 1.35-1.75x faster than the 4 x 4 tiles at 3-8 rows.
-  // From 9 rows on the dot products bound the time and the 4 x 4 tile, which reuses each
-  // weight load for 4 rows and each x load for 4 weight rows, is as fast or faster.
-  switch (m) {
-    case 1: linear_rows<1>(xp, wp, yp, n, k, num_threads); break;
-    case 2: linear_rows<2>(xp, wp, yp, n, k, num_threads); break;
-    case 3: linear_rows<3>(xp, wp, yp, n, k, num_threads); break;
-    case 4: linear_rows<4>(xp, wp, yp, n, k, num_threads); break;
-    case 5: linear_rows<5>(xp, wp, yp, n, k, num_threads); break;
-    case 6: linear_rows<6>(xp, wp, yp, n, k, num_threads); break;
-    case 7: linear_rows<7>(xp, wp, yp, n, k, num_threads); break;
-    case 8: linear_rows<8>(xp, wp, yp, n, k, num_threads); break;
-    default: linear_tiles(xp, wp, yp, m, n, k, num_threads);
+  // One or two rows (decode at batch 1-2), and up to 8 rows when k <= 1024: one weight row
+  // after the other, a single sequential stream per thread. Measured side by side on
+  // Qwen3's [151936 x 1024] LM head at m = 1 (2 threads, 2026-11-29): 23 GB/s, 92% of a
+  // plain AVX-512 read of the same bytes (25 GB/s that hour), against 20 GB/s for 16-row
+  // tiles (16 interleaved streams). At 3-8 rows (2026-11-30, same binary, interleaved runs)
+  // rows beat the 4 x 4 tiles 1.17-1.74x at k = 1024 ([3072 x 1024], the LM head) but lose
+  // 0.6-0.8x at k = 2048-3072, where the m x k activations (24-48 KB) no longer sit in L1
+  // and every weight chunk re-reads them from L2; the tiles, which reuse each weight load
+  // for 4 rows and each x load for 4 weight rows, take those and everything from 9 rows.
+  if (m <= 2 || k <= 1024) {
+    switch (m) {
+      case 1: linear_rows<1>(xp, wp, yp, n, k, num_threads); return;
+      case 2: linear_rows<2>(xp, wp, yp, n, k, num_threads); return;
+      case 3: linear_rows<3>(xp, wp, yp, n, k, num_threads); return;
+      case 4: linear_rows<4>(xp, wp, yp, n, k, num_threads); return;
+      case 5: linear_rows<5>(xp, wp, yp, n, k, num_threads); return;
+      case 6: linear_rows<6>(xp, wp, yp, n, k, num_threads); return;
+      case 7: linear_rows<7>(xp, wp, yp, n, k, num_threads); return;
+      case 8: linear_rows<8>(xp, wp, yp, n, k, num_threads); return;
+      default: break;
+    }
   }
+  linear_tiles(xp, wp, yp, m, n, k, num_threads);
 #else
   // Portable path: x converted to float32 once, then per weight row a float dot product
   // against every x row (the weight row is read from memory once and reused from cache).

@@ -16,8 +16,8 @@ from qwen3_fast import _ext, ops
 from conftest import assert_close_to_oracle, compiled_backends
 
 # (N, K): odd N (a partial 4-row weight tile), K with a masked tail (130 = 4*32 + 2, 31 odd)
-SHAPES = [(1000, 1024), (17, 130), (7, 200), (5, 31)]  # k: 128-blocks, + tails of 32s and a mask
-ROWS = [1, 2, 3, 5, 7, 8, 9, 16]  # 1-8 rows: one weight row at a time (C chains); 9+: 4 x 4 tiles
+SHAPES = [(1000, 1024), (17, 130), (7, 200), (5, 31), (9, 1500)]  # k: 128-blocks, + tails of 32s and a mask
+ROWS = [1, 2, 3, 5, 7, 8, 9, 16]  # 1-2 rows (and 3-8 at k <= 1024): one weight row at a time; else 4 x 4 tiles
 _NEEDS_C = pytest.mark.skipif(not (_ext.available() and hasattr(_ext.extension(), "linear_cpu")),
                               reason="_C not built, or built before linear_cpu existed")
 
