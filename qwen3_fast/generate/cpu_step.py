@@ -41,44 +41,74 @@ def enabled() -> bool:
     return os.environ.get("QWEN3_FAST_CPU_STEP", "1") != "0"
 
 
-def _plain_linear(m: nn.Module) -> bool:
-    return (type(m) is nn.Linear and m.bias is None and m.weight.dtype == torch.bfloat16
-            and m.weight.is_contiguous())
+# The structure walk below reads nn.Module's _modules / _parameters dicts directly: the
+# attribute path (nn.Module.__getattr__, model.modules()) cost ~3 ms per step for
+# Qwen3-0.6B's 28 layers, and the walk runs every step (a model may change between steps).
+def _hooked(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks)
 
 
-def _layer_weights(layer) -> Optional[list[Tensor]]:
-    """The layer's 11 weights in decode_layers_bf16's table order, or None if its structure
-    is not the plain dense one the C++ loop reproduces."""
-    attn, mlp = layer.self_attn, layer.mlp
-    if layer.is_sparse or type(mlp) is not Qwen3MLP or mlp.use_draft:
+def _linear_weight(m: nn.Module, rows: int, cols: int) -> Optional[Tensor]:
+    """A plain bias-free nn.Linear's bf16 contiguous [rows, cols] weight, else None."""
+    if type(m) is not nn.Linear or _hooked(m) or m._parameters.get("bias") is not None:
         return None
-    linears = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj,
-               mlp.down_proj)
-    norms = (layer.input_layernorm, attn.q_norm, attn.k_norm, layer.post_attention_layernorm)
-    if not all(_plain_linear(m) for m in linears):
+    w = m._parameters["weight"]
+    if w.dtype != torch.bfloat16 or tuple(w.shape) != (rows, cols) or not w.is_contiguous():
         return None
-    h, qd, kvd = attn.o_proj.weight.shape[0], attn.num_heads * attn.head_dim, \
-        attn.num_kv_heads * attn.head_dim
-    inter = mlp.gate_proj.weight.shape[0]
-    shapes = [(m.weight.shape[0], m.weight.shape[1]) for m in linears]
-    if shapes != [(qd, h), (kvd, h), (kvd, h), (h, qd), (inter, h), (inter, h), (h, inter)]:
+    return w
+
+
+def _norm_weight(m: nn.Module, size: int, eps: float) -> Optional[Tensor]:
+    if type(m) is not RMSNorm or _hooked(m) or m.variance_epsilon != eps:
         return None
-    if not all(type(n) is RMSNorm and n.weight.dtype == torch.bfloat16 for n in norms):
+    w = m._parameters["weight"]
+    return w if w.dtype == torch.bfloat16 and tuple(w.shape) == (size,) else None
+
+
+def _layer_weights(layer, cfg) -> Optional[list[Tensor]]:
+    """The layer's 11 weights in decode_layers_bf16's table order, or None if it is not the
+    plain dense bf16 layer (config sizes, no hooks) the C++ loop reproduces."""
+    mods = layer._modules
+    attn, mlp = mods["self_attn"], mods["mlp"]
+    if (layer.is_sparse or type(mlp) is not Qwen3MLP or mlp.use_draft or _hooked(layer)
+            or _hooked(attn) or _hooked(mlp)):
         return None
-    return [layer.input_layernorm.weight, attn.q_proj.weight, attn.k_proj.weight,
-            attn.v_proj.weight, attn.q_norm.weight, attn.k_norm.weight, attn.o_proj.weight,
-            layer.post_attention_layernorm.weight, mlp.gate_proj.weight, mlp.up_proj.weight,
-            mlp.down_proj.weight]
+    h, d, i, eps = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size, cfg.rms_norm_eps
+    qd, kvd = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
+    a, m = attn._modules, mlp._modules
+    weights = [_norm_weight(mods["input_layernorm"], h, eps),
+               _linear_weight(a["q_proj"], qd, h), _linear_weight(a["k_proj"], kvd, h),
+               _linear_weight(a["v_proj"], kvd, h), _norm_weight(a["q_norm"], d, eps),
+               _norm_weight(a["k_norm"], d, eps), _linear_weight(a["o_proj"], h, qd),
+               _norm_weight(mods["post_attention_layernorm"], h, eps),
+               _linear_weight(m["gate_proj"], i, h), _linear_weight(m["up_proj"], i, h),
+               _linear_weight(m["down_proj"], h, i)]
+    return None if any(w is None for w in weights) else weights
 
 
-def _hooked(model: nn.Module) -> bool:
-    if (nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks):
-        return True
-    return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+def _table(model) -> "str | Tensor":
+    """int64 [layers, 11] weight pointers for decode_layers_cpu, or why the model is not one
+    it reproduces."""
+    cfg = model.config
+    inner = model._modules["model"]
+    if cfg.num_hidden_layers == 0 or cfg.attention_bias:
+        return "no layers or attention biases"
+    if (nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks
+            or _hooked(model) or _hooked(inner)):
+        return "forward hooks are registered"
+    if _norm_weight(inner._modules["norm"], cfg.hidden_size, cfg.rms_norm_eps) is None:
+        return "the final norm is not a plain bf16 RMSNorm with the config's epsilon"
+    rows = []
+    for layer in inner._modules["layers"]._modules.values():
+        weights = _layer_weights(layer, cfg)
+        if weights is None:
+            return (f"layer {layer.layer_idx} is not a plain dense bf16 layer (MoE, a wrapped "
+                    "or hooked module, another dtype or epsilon)")
+        rows.append([w.data_ptr() for w in weights])
+    return torch.tensor(rows, dtype=torch.int64)
 
 
-def unsupported_reason(model, cache, batch: int) -> Optional[str]:
-    """None when :func:`decode_logits` can run this step, else why not (for tests/logs)."""
+def _check(model, cache, batch: int) -> "str | Tensor":
     if not enabled():
         return "QWEN3_FAST_CPU_STEP=0"
     if not (_ext.available() and hasattr(_ext.extension(), "decode_layers_cpu")):
@@ -93,43 +123,37 @@ def unsupported_reason(model, cache, batch: int) -> Optional[str]:
         return f"backend {_backend.get_backend()!r} is forced"
     if torch.is_grad_enabled() or _backend.dispatch_needed(()):
         return "grad mode, the profiler, torch.compile or a dispatch mode is active"
-    cfg = model.config
-    inner = model.model
-    eps = cfg.rms_norm_eps
-    if cfg.num_hidden_layers == 0 or cfg.attention_bias:
-        return "no layers or attention biases"
-    if type(inner.norm) is not RMSNorm or inner.norm.weight.dtype != torch.bfloat16:
-        return "the final norm is not a bf16 RMSNorm"
-    if _hooked(model):
-        return "a module has forward hooks"
-    for layer in inner.layers:
-        norms = (layer.input_layernorm, layer.post_attention_layernorm, layer.self_attn.q_norm,
-                 layer.self_attn.k_norm)
-        if any(getattr(n, "variance_epsilon", None) != eps for n in norms):
-            return "a norm's epsilon differs from config.rms_norm_eps"
-        if _layer_weights(layer) is None:
-            return f"layer {layer.layer_idx} is not a plain dense bf16 layer"
-        if (layer.mlp.gate_proj.weight.shape[0] != cfg.intermediate_size
-                or layer.self_attn.o_proj.weight.shape[0] != cfg.hidden_size):
-            return f"layer {layer.layer_idx} does not have the config's sizes"
-    if inner.norm.variance_epsilon != eps:
-        return "the final norm's epsilon differs from config.rms_norm_eps"
-    return None
+    return _table(model)
 
 
-def decode_logits(model, tokens: Tensor, cache) -> Tensor:
+def unsupported_reason(model, cache, batch: int) -> Optional[str]:
+    """None when :func:`decode_logits` can run this step, else why not (for tests/logs)."""
+    got = _check(model, cache, batch)
+    return got if isinstance(got, str) else None
+
+
+def try_decode_logits(model, tokens: Tensor, cache) -> Optional[Tensor]:
+    """:func:`decode_logits` when it applies to this step (see the module docstring), else
+    None (the caller runs the eager model)."""
+    table = _check(model, cache, tokens.shape[0])
+    return None if isinstance(table, str) else decode_logits(model, tokens, cache, table)
+
+
+def decode_logits(model, tokens: Tensor, cache, table: Optional[Tensor] = None) -> Tensor:
     """tokens [B] -> next-token logits [B, V], bitwise ``model(tokens.view(-1, 1),
     cache=cache).logits[:, -1]``; the caller checked :func:`unsupported_reason`."""
     cfg = model.config
     inner = model.model
     b = tokens.shape[0]
+    if table is None:
+        table = _table(model)
+        if isinstance(table, str):
+            raise ValueError(f"decode_logits: {table}")
     input_ids = tokens.view(b, 1)
     _, positions, _ = inner._begin_cache_step(cache, input_ids, None, None, None)
     cos, sin = inner.rope_tables(int(positions.max()) + 1, input_ids.device)
     cos, sin = cos.float().contiguous(), sin.float().contiguous()  # as qk_norm_rope reads them
     x = inner.embed_tokens(input_ids).view(b, cfg.hidden_size).contiguous()
-    table = torch.tensor([[w.data_ptr() for w in _layer_weights(layer)] for layer in inner.layers],
-                         dtype=torch.int64)
     out = torch.empty_like(x)
     _ext.extension().decode_layers_cpu(
         x.data_ptr(), table.data_ptr(), cache.k.data_ptr(), cache.v.data_ptr(),
