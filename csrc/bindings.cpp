@@ -126,11 +126,12 @@ PYBIND11_MODULE(_C, m) {
         arg("num_threads"), nogil);
   m.def("linear_cpu", &c::linear_bf16, arg("x"), arg("weight"), arg("y"), arg("m"), arg("n"),
         arg("k"), arg("num_threads"), nogil);
-  m.def("decode_layers_cpu", &c::decode_layers_bf16, arg("x"), arg("weights"), arg("k_cache"),
-        arg("v_cache"), arg("lengths"), arg("cos"), arg("sin"), arg("final_norm"), arg("out"),
+  m.def("decode_layers_cpu", &c::decode_layers_bf16, arg("x"), arg("weights"), arg("cache"),
+        arg("n_quant"), arg("lengths"), arg("cos"), arg("sin"), arg("final_norm"), arg("out"),
         arg("batch"), arg("layers"), arg("hidden"), arg("heads_q"), arg("heads_kv"),
-        arg("head_dim"), arg("inter"), arg("max_length"), arg("max_pos"), arg("eps"),
-        arg("scale"), arg("threads"), arg("small_threads"), arg("uncapped_stream_bytes"), nogil);
+        arg("head_dim"), arg("inter"), arg("ring"), arg("quant_tokens"), arg("group"),
+        arg("value_group"), arg("precision"), arg("max_pos"), arg("eps"), arg("scale"),
+        arg("threads"), arg("small_threads"), arg("uncapped_stream_bytes"), nogil);
 
 #ifdef QWEN3_FAST_WITH_CUDA
   namespace g = qwen3_fast::cuda;

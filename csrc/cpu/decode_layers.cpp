@@ -1,5 +1,6 @@
 // One decode step (one new token per sequence) through every decoder layer of a dense
-// bfloat16 Qwen3 model over a dense bfloat16 KV cache, in one call from Python.
+// bfloat16 Qwen3 model over a bfloat16 KV cache, dense or hierarchical (read at 8 or 4 bits;
+// a step in which no group leaves the full-precision ring), in one call from Python.
 //
 // Why: a decode step of Qwen3-0.6B at batch 1 makes ~14 kernel calls per layer, 400 in all,
 // and each costs ~35 us of Python around a kernel that runs for microseconds (checks, backend
@@ -25,30 +26,36 @@ namespace {
 constexpr int kBF16 = 2;  // dtype code (common.h DType)
 // Weight pointers per layer, in the order of decode_layers_bf16's `weights` table.
 enum Slot { kInNorm, kQ, kK, kV, kQNorm, kKNorm, kO, kPostNorm, kGate, kUp, kDown, kSlots };
+// Cache pointers per layer, in the order of the `cache` table (quantized ones 0 for a dense
+// cache, whose buffers are the whole cache: ring = capacity).
+enum CacheSlot { kKBuf, kVBuf, kKU, kKL, kKMin, kKScale, kVU, kVL, kVMin, kVScale, kCacheSlots };
 }  // namespace
 
-void decode_layers_bf16(ptr x, ptr weights, ptr k_cache, ptr v_cache, ptr lengths, ptr cos,
+void decode_layers_bf16(ptr x, ptr weights, ptr cache, ptr n_quant, ptr lengths, ptr cos,
                         ptr sin, ptr final_norm, ptr out, std::int64_t batch,
                         std::int64_t layers, std::int64_t hidden, std::int64_t heads_q,
                         std::int64_t heads_kv, std::int64_t head_dim, std::int64_t inter,
-                        std::int64_t max_length, std::int64_t max_pos, double eps,
-                        double scale, int threads, int small_threads,
+                        std::int64_t ring, std::int64_t quant_tokens, std::int64_t group,
+                        std::int64_t value_group, int precision, std::int64_t max_pos,
+                        double eps, double scale, int threads, int small_threads,
                         std::int64_t uncapped_stream_bytes) {
   check_arg(batch > 0 && batch <= 16, "decode_layers: batch must be in [1, 16] (the skinny "
                                       "linear kernel's rows), got " + std::to_string(batch));
   check_arg(layers > 0 && hidden > 0 && heads_kv > 0 && heads_q % heads_kv == 0 &&
-                head_dim > 0 && head_dim % 2 == 0 && inter > 0 && max_length > 0 && max_pos > 0,
+                head_dim > 0 && head_dim % 2 == 0 && inter > 0 && ring > 0 && max_pos > 0,
             "decode_layers: bad sizes");
-  check_ptr(x, "x"); check_ptr(weights, "weights"); check_ptr(k_cache, "k_cache");
-  check_ptr(v_cache, "v_cache"); check_ptr(lengths, "lengths"); check_ptr(cos, "cos");
+  check_arg(precision == 16 || precision == 8 || precision == 4,
+            "decode_layers: precision must be 16, 8 or 4, got " + std::to_string(precision));
+  check_ptr(x, "x"); check_ptr(weights, "weights"); check_ptr(cache, "cache");
+  check_ptr(lengths, "lengths"); check_ptr(cos, "cos");
   check_ptr(sin, "sin"); check_ptr(final_norm, "final_norm"); check_ptr(out, "out");
   const auto* len = reinterpret_cast<const std::int32_t*>(lengths);
   std::vector<std::int64_t> pos(batch);  // the new token's position: length - 1
   std::int64_t kv_tokens = 0;
   for (std::int64_t b = 0; b < batch; ++b) {
-    check_arg(len[b] >= 1 && len[b] <= max_length && len[b] <= max_pos,
+    check_arg(len[b] >= 1 && len[b] <= max_pos && (precision != 16 || len[b] <= ring),
               "decode_layers: sequence " + std::to_string(b) + " has length " +
-                  std::to_string(len[b]) + "; expected 1..min(max_length, rope positions)");
+                  std::to_string(len[b]) + "; expected 1..min(cache capacity, rope positions)");
     pos[b] = len[b] - 1;
     kv_tokens += len[b];
   }
@@ -59,7 +66,8 @@ void decode_layers_bf16(ptr x, ptr weights, ptr k_cache, ptr v_cache, ptr length
   auto team = [&](std::int64_t stream_bytes) {
     return stream_bytes >= uncapped_stream_bytes ? threads : small_threads;
   };
-  const int attn_threads = team(kv_tokens * 2 * kvd * 2);  // keys + values, bf16
+  // keys + values read by the attention (ops/flash_decode.py's stream_bytes)
+  const int attn_threads = team(kv_tokens * 2 * kvd * precision / 8);
   auto linear = [&](const bf16* in, std::int64_t w, bf16* y, std::int64_t n, std::int64_t k) {
     linear_bf16(reinterpret_cast<ptr>(in), static_cast<ptr>(w), reinterpret_cast<ptr>(y), batch,
                 n, k, team(n * k * 2));
@@ -73,9 +81,7 @@ void decode_layers_bf16(ptr x, ptr weights, ptr k_cache, ptr v_cache, ptr length
   std::vector<float> rstd(batch);
   bf16* residual = res_a.data();
   bf16* spare = res_b.data();
-  const std::int64_t layer_stride = batch * heads_kv * max_length * head_dim;
-  auto* kc = reinterpret_cast<bf16*>(k_cache);
-  auto* vc = reinterpret_cast<bf16*>(v_cache);
+  const auto* cache_table = reinterpret_cast<const std::int64_t*>(cache);
   const bf16* layer_in = reinterpret_cast<const bf16*>(x);  // embeddings, then MLP outputs
 
   for (std::int64_t l = 0; l < layers; ++l) {
@@ -101,19 +107,22 @@ void decode_layers_bf16(ptr x, ptr weights, ptr k_cache, ptr v_cache, ptr length
                          static_cast<ptr>(w[kKNorm]), cos, sin, reinterpret_cast<ptr>(pos.data()),
                          true, qp, qd, head_dim, kp, kvd, head_dim, 0, 0, batch, heads_q,
                          heads_kv, head_dim, max_pos, eps, kBF16, kBF16, team(0));
-    bf16* kl = kc + l * layer_stride;
-    bf16* vl = vc + l * layer_stride;
-    for (std::int64_t b = 0; b < batch; ++b) {
-      for (std::int64_t hh = 0; hh < heads_kv; ++hh) {
-        const std::int64_t dst = ((b * heads_kv + hh) * max_length + pos[b]) * head_dim;
+    const std::int64_t* c = cache_table + l * kCacheSlots;
+    auto* kl = reinterpret_cast<bf16*>(c[kKBuf]);
+    auto* vl = reinterpret_cast<bf16*>(c[kVBuf]);
+    for (std::int64_t b = 0; b < batch; ++b) {  // the new token's slot (a decode step only
+      for (std::int64_t hh = 0; hh < heads_kv; ++hh) {  // writes the ring: no group leaves)
+        const std::int64_t dst = ((b * heads_kv + hh) * ring + pos[b] % ring) * head_dim;
         const std::int64_t src = (b * heads_kv + hh) * head_dim;
         std::memcpy(kl + dst, k.data() + src, sizeof(bf16) * head_dim);
         std::memcpy(vl + dst, v.data() + src, sizeof(bf16) * head_dim);
       }
     }
-    flash_decode(qp, 0, 0, 0, 0, 0, 0, 0, 0, reinterpret_cast<ptr>(kl), reinterpret_cast<ptr>(vl),
-                 0, lengths, reinterpret_cast<ptr>(attn.data()), batch, heads_q, heads_kv, 1,
-                 head_dim, 0, max_length, 1, head_dim, 16, scale, kBF16, attn_threads);
+    flash_decode(qp, c[kKU], c[kKL], c[kKMin], c[kKScale], c[kVU], c[kVL], c[kVMin],
+                 c[kVScale], reinterpret_cast<ptr>(kl), reinterpret_cast<ptr>(vl), n_quant,
+                 lengths, reinterpret_cast<ptr>(attn.data()), batch, heads_q, heads_kv, 1,
+                 head_dim, quant_tokens, ring, group, value_group, precision, scale, kBF16,
+                 attn_threads);
     linear(attn.data(), w[kO], mlp_out.data(), hidden, qd);
     add_rms_norm_forward(reinterpret_cast<ptr>(mlp_out.data()), hidden,
                          reinterpret_cast<ptr>(residual), hidden, static_cast<ptr>(w[kPostNorm]),

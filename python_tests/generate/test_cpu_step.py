@@ -2,9 +2,11 @@
 
 It must be invisible: logits and the cache it leaves are bitwise the eager model's, step
 after step, for ragged batches, head dims with and without the vdpbf16ps attention path,
-tied and untied heads, under the engine's thread cap and without; the engine generates the
-same tokens with it on and off; and every case it does not reproduce (MoE, int8 cache,
-hooks, wrappers, autograd, fp32, forced backends, batches over 16) takes the eager model.
+tied and untied heads, under the engine's thread cap and without, over the dense cache and
+the hierarchical one at 8 and 4 bits (mixed with the eager steps that quantize a group);
+the engine generates the same tokens with it on and off (plain and speculative); and every
+case it does not reproduce (MoE, a quantizing step, hooks, wrappers, autograd, fp32, forced
+backends, batches over 16) takes the eager model.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import torch
 from torch import nn
 
 from gen_testlib import one_thread, tiny_model_dir  # noqa: F401 (autouse fixture)
-from qwen3_fast import LLM, SamplingParams, _ext
+from qwen3_fast import LLM, QuantSpecConfig, SamplingParams, _ext
 from qwen3_fast.generate import cpu_step
 from qwen3_fast.generate.engine import decode_step
 from qwen3_fast.model import Qwen3Config, Qwen3ForCausalLM
@@ -39,16 +41,37 @@ def _model(head_dim=64, tied=True, layers=3, seed=0, **extra):
     return model.to(torch.bfloat16).eval()
 
 
-def _prefilled(model, lens, max_len=64, kind="dense"):
+def _prefilled(model, lens, max_len=64, kind="dense", group=128):
     """A cache after a right-padded prefill of rows with the given lengths."""
     b = len(lens)
-    cache = model.new_cache(b, max_len, kind)
+    extra = dict(group_size=group, max_speculative_tokens=4) if kind == "hierarchical" else {}
+    cache = model.new_cache(b, max_len, kind, **extra)
     ids = torch.randint(0, model.config.vocab_size, (b, max(lens)),
                         generator=torch.Generator().manual_seed(1))
     mask = (torch.arange(max(lens)).view(1, -1) < torch.tensor(lens).view(-1, 1)).long()
     with torch.inference_mode():
         model(ids, attention_mask=mask, cache=cache, logits_to_keep=1)
     return cache
+
+
+def _equal_states(a, b):
+    sa, sb = a.live_state(), b.live_state()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        if isinstance(sa[key], list) and sa[key] and isinstance(sa[key][0], torch.Tensor):
+            assert all(torch.equal(x, y) for x, y in zip(sa[key], sb[key])), key
+        else:
+            assert sa[key] == sb[key], key
+
+
+def _step(model, tok, cache, precision, fast):
+    """One decode step: the one-call step where it applies (else the eager model, as the
+    engine does), or always the eager model."""
+    if fast:
+        logits = cpu_step.try_decode_logits(model, tok, cache, precision)
+        if logits is not None:
+            return logits, True
+    return model(tok.view(-1, 1), cache=cache, precision=precision).logits[:, -1], False
 
 
 @pytest.mark.parametrize("head_dim,tied", [(64, True), (128, False), (80, True)])
@@ -64,13 +87,40 @@ def test_bitwise_equal_to_eager(head_dim, tied, lens, cap):
             a = cpu_step.decode_logits(model, tok, fast)
             b = model(tok.view(-1, 1), cache=eager).logits[:, -1]
             assert torch.equal(a, b)
-            assert fast.seq_lengths() == eager.seq_lengths()
             assert torch.equal(fast.lengths, eager.lengths)
             tok = a.argmax(-1)
-    for layer in range(model.config.num_hidden_layers):  # the written slots; the rest is 0
-        for bi, n in enumerate(eager.seq_lengths()):
-            assert torch.equal(fast.k[layer, bi, :, :n], eager.k[layer, bi, :, :n])
-            assert torch.equal(fast.v[layer, bi, :, :n], eager.v[layer, bi, :, :n])
+    _equal_states(fast, eager)
+
+
+@pytest.mark.parametrize("precision", [8, 4])
+@pytest.mark.parametrize("lens", [[5], [13, 6, 2]])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_hierarchical_bitwise_equal_to_eager(precision, lens, head_dim):
+    """Group size 8: over 20 steps every row crosses group boundaries; those steps (the
+    cache quantizes a group) run eagerly, the others in one call, and logits and cache
+    equal the all-eager run's at every step."""
+    model = _model(head_dim)
+    caches = []
+    for _ in range(2):
+        c = model.new_cache(len(lens), 64, "hierarchical", group_size=8, max_speculative_tokens=4)
+        ids = torch.randint(0, model.config.vocab_size, (len(lens), max(lens)),
+                            generator=torch.Generator().manual_seed(1))
+        mask = (torch.arange(max(lens)).view(1, -1) < torch.tensor(lens).view(-1, 1)).long()
+        with torch.inference_mode():
+            model(ids, attention_mask=mask, cache=c, logits_to_keep=1)
+        caches.append(c)
+    fast, eager = caches
+    tok = torch.arange(len(lens)) + 3
+    used = []
+    with torch.inference_mode():
+        for _ in range(20):
+            a, one_call = _step(model, tok, fast, precision, True)
+            b, _ = _step(model, tok, eager, precision, False)
+            used.append(one_call)
+            assert torch.equal(a, b)
+            _equal_states(fast, eager)
+            tok = a.argmax(-1)
+    assert any(used) and not all(used)  # both kinds of step ran
 
 
 def test_two_threads_and_rollback():
@@ -110,21 +160,28 @@ def model_dir(tmp_path_factory):
     return tiny_model_dir(tmp_path_factory.mktemp("tiny_cpu_step"), layers=3)
 
 
-def test_engine_tokens_equal_with_and_without(model_dir, monkeypatch):
+@pytest.mark.parametrize("engine_args", [dict(), dict(kv_cache="int8"),
+                                         dict(kv_cache="int8", speculative=QuantSpecConfig(gamma=3))],
+                         ids=["bf16", "int8", "speculative"])
+def test_engine_tokens_equal_with_and_without(model_dir, monkeypatch, engine_args):
     prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14], [20, 21]]
     params = [SamplingParams(temperature=0.0, max_new_tokens=12, ignore_eos=True),
               SamplingParams(temperature=0.8, seed=3, max_new_tokens=9, ignore_eos=True,
                              presence_penalty=0.5),
               SamplingParams(temperature=0.0, max_new_tokens=5, ignore_eos=True)]
-    llm = LLM(model_dir, dtype=torch.bfloat16, max_seq_len=64)
+    llm = LLM(model_dir, dtype=torch.bfloat16, max_seq_len=64, **engine_args)
     with torch.inference_mode():
         assert cpu_step.unsupported_reason(llm.model, llm.model.new_cache(3, 8), 3) is None
+    calls = []
+    real = cpu_step.decode_logits
+    monkeypatch.setattr(cpu_step, "decode_logits", lambda *a: calls.append(1) or real(*a))
     outs = {}
     for flag in ("1", "0"):
         monkeypatch.setenv("QWEN3_FAST_CPU_STEP", flag)
         outs[flag] = [o.token_ids for o in llm.generate(prompts, params)]
     assert outs["1"] == outs["0"]
     assert [len(t) for t in outs["1"]] == [12, 9, 5]
+    assert calls  # the one-call step ran (with the flag on)
 
 
 class _Wrapped(nn.Linear):
@@ -137,9 +194,10 @@ def _reasons():
                    model_type="qwen3_moe")
         return m, m.new_cache(1, 32)
 
-    def int8():
+    def flush():  # the next step quantizes a group: the eager write does that
         m = _model()
-        return m, m.new_cache(1, 32, "hierarchical")
+        c = _prefilled(m, [16], kind="hierarchical", group=8)
+        return m, c
 
     def fp32():
         m = _model().float()
@@ -162,7 +220,7 @@ def _reasons():
         m.model.layers[2].self_attn.k_norm.variance_epsilon = 1e-3
         return m, m.new_cache(1, 32)
 
-    return {"moe": moe, "int8": int8, "fp32": fp32, "hooked": hooked, "wrapped": wrapped,
+    return {"moe": moe, "flush": flush, "fp32": fp32, "hooked": hooked, "wrapped": wrapped,
             "eps": eps}
 
 
@@ -191,13 +249,16 @@ def test_launcher_checks_its_arguments():
     lengths = torch.tensor([0], dtype=torch.int32)
     buf = torch.zeros(64, dtype=torch.bfloat16)
     p = buf.data_ptr()
-    args = dict(x=p, weights=p, k_cache=p, v_cache=p, lengths=lengths.data_ptr(), cos=p, sin=p,
+    args = dict(x=p, weights=p, cache=p, n_quant=0, lengths=lengths.data_ptr(), cos=p, sin=p,
                 final_norm=p, out=p, batch=1, layers=1, hidden=8, heads_q=2, heads_kv=1,
-                head_dim=4, inter=8, max_length=4, max_pos=4, eps=1e-6, scale=0.5, threads=1,
-                small_threads=1, uncapped_stream_bytes=1 << 20)
+                head_dim=4, inter=8, ring=4, quant_tokens=0, group=1, value_group=4,
+                precision=16, max_pos=4, eps=1e-6, scale=0.5, threads=1, small_threads=1,
+                uncapped_stream_bytes=1 << 20)
     with pytest.raises(ValueError, match="length 0"):
         C.decode_layers_cpu(**args)
     with pytest.raises(ValueError, match="batch"):
         C.decode_layers_cpu(**{**args, "batch": 17})
     with pytest.raises(ValueError, match="bad sizes"):
         C.decode_layers_cpu(**{**args, "heads_q": 3, "heads_kv": 2})
+    with pytest.raises(ValueError, match="precision"):
+        C.decode_layers_cpu(**{**args, "precision": 2})

@@ -139,6 +139,12 @@ class HierarchicalKVCache(KVCacheBase):
     def quantized_lengths(self) -> list[int]:
         return list(self._nq)
 
+    def decode_step_quantizes(self) -> bool:
+        """Whether a one-token step of every sequence would push a group out of the ring
+        (that step quantizes it in :meth:`write`; the others only write ring slots)."""
+        g = self.group_size
+        return any(quantized_length(n + 1, g) > q for n, q in zip(self._len, self._nq))
+
     # ------------------------------------------------------------------ writes
     def write(self, layer: int, k: Tensor, v: Tensor) -> None:
         """k, v: [B, Hkv, S, D] (model dtype); sequence b stores its first counts[b]

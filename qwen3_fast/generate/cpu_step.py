@@ -5,19 +5,23 @@ kernel calls per layer: ~15 ms of Qwen3-0.6B's ~70 ms batch-1 step on the 2-core
 where the rest is the weight read itself. :func:`decode_logits` runs the same step with the
 layer loop in C++: the embedding lookup and the LM head stay in Python (``project``, as in
 the model), everything between them is one ``decode_layers_cpu`` call that makes the same
-kernel calls, in the same order, with the same thread counts. The logits are bitwise the
-eager step's (python_tests/generate/test_cpu_step.py), so nothing downstream can tell.
+kernel calls, in the same order, with the same thread counts. The logits and the cache it
+leaves are bitwise the eager step's (python_tests/generate/test_cpu_step.py), so nothing
+downstream can tell.
 
 It applies (:func:`unsupported_reason` returns None) to eager inference on the CPU of a
 bf16 model whose layers are all dense, with plain bias-free ``nn.Linear`` projections and
-``ops.RMSNorm`` norms, no module hooks, over a bf16 :class:`~qwen3_fast.cache.DenseKVCache`,
-1-16 sequences (the skinny linear kernel's rows), the default (or forced "cpu") backend,
-and nothing that needs torch's dispatcher (autograd, the profiler, torch.compile, dispatch
-modes: the eager ops would route through it and be seen there). Anything else - MoE
-layers, the int8 cache, LoRA wrappers, fp32 models - takes the eager model, unchanged.
+``ops.RMSNorm`` norms, no forward hooks, over a bf16 :class:`~qwen3_fast.cache.DenseKVCache`
+or :class:`~qwen3_fast.cache.HierarchicalKVCache` (read at 8 or 4 bits; not in the one step
+in G where a group leaves the full-precision ring and is quantized), 1-16 sequences (the
+skinny linear kernel's rows), the default (or forced "cpu") backend, and nothing that needs
+torch's dispatcher (autograd, the profiler, torch.compile, dispatch modes: the eager ops
+would route through it and be seen there). Anything else - MoE layers, LoRA wrappers, fp32
+models, a verify step of several tokens, the int4 draft weights - takes the eager model.
 
-The engine's ``decode_step`` uses it by default; ``QWEN3_FAST_CPU_STEP=0`` turns it off
-(A/B measurements, debugging).
+Users: the engine's ``decode_step`` (plain decoding, both caches) and the speculative draft
+(generate/speculative.py). ``QWEN3_FAST_CPU_STEP=0`` turns it off (A/B measurements,
+debugging).
 """
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from qwen3_fast import _ext
-from qwen3_fast.cache import DenseKVCache
+from qwen3_fast.cache import DenseKVCache, HierarchicalKVCache
 from qwen3_fast.model.layers import Qwen3MLP, project
 from qwen3_fast.ops import _backend
 from qwen3_fast.ops._kernel_args import UNCAPPED_STREAM_BYTES, cpu_threads
@@ -108,15 +112,25 @@ def _table(model) -> "str | Tensor":
     return torch.tensor(rows, dtype=torch.int64)
 
 
-def _check(model, cache, batch: int) -> "str | Tensor":
+def _check(model, cache, batch: int, precision: Optional[int]) -> "str | Tensor":
     if not enabled():
         return "QWEN3_FAST_CPU_STEP=0"
     if not (_ext.available() and hasattr(_ext.extension(), "decode_layers_cpu")):
         return "the extension has no decode_layers_cpu"
     if model.device.type != "cpu" or model.dtype != torch.bfloat16:
         return "needs a bf16 model on the CPU"
-    if type(cache) is not DenseKVCache or cache.dtype != torch.bfloat16:
-        return "needs a bf16 DenseKVCache"
+    if type(cache) is DenseKVCache:
+        if precision not in (None, 16):
+            return f"precision {precision} on a dense cache"
+    elif type(cache) is HierarchicalKVCache:
+        if precision not in (None, 8, 4):
+            return f"precision {precision} on a hierarchical cache"
+        if cache.decode_step_quantizes():
+            return "this step quantizes a group of the hierarchical cache (the eager write does)"
+    else:
+        return "needs a DenseKVCache or a HierarchicalKVCache"
+    if cache.dtype != torch.bfloat16:
+        return "needs a bf16 cache"
     if not 1 <= batch <= MAX_KERNEL_ROWS:
         return f"batch must be 1..{MAX_KERNEL_ROWS}"
     if _backend.get_backend() not in (None, "cpu"):
@@ -126,40 +140,67 @@ def _check(model, cache, batch: int) -> "str | Tensor":
     return _table(model)
 
 
-def unsupported_reason(model, cache, batch: int) -> Optional[str]:
+def unsupported_reason(model, cache, batch: int, precision: Optional[int] = None
+                       ) -> Optional[str]:
     """None when :func:`decode_logits` can run this step, else why not (for tests/logs)."""
-    got = _check(model, cache, batch)
+    got = _check(model, cache, batch, precision)
     return got if isinstance(got, str) else None
 
 
-def try_decode_logits(model, tokens: Tensor, cache) -> Optional[Tensor]:
+def try_decode_logits(model, tokens: Tensor, cache, precision: Optional[int] = None
+                      ) -> Optional[Tensor]:
     """:func:`decode_logits` when it applies to this step (see the module docstring), else
     None (the caller runs the eager model)."""
-    table = _check(model, cache, tokens.shape[0])
-    return None if isinstance(table, str) else decode_logits(model, tokens, cache, table)
+    table = _check(model, cache, tokens.shape[0], precision)
+    return None if isinstance(table, str) else decode_logits(model, tokens, cache, precision,
+                                                             table)
 
 
-def decode_logits(model, tokens: Tensor, cache, table: Optional[Tensor] = None) -> Tensor:
+_CACHE_TENSORS = ("k_buf", "v_buf", "k_u", "k_l", "k_min", "k_scale", "v_u", "v_l", "v_min",
+                  "v_scale")
+
+
+def _cache_args(cache) -> tuple:
+    """(int64 [layers, 10] per-layer pointers as decode_layers_cpu takes them, n_quant
+    pointer, ring, quant_tokens, group, value_group)."""
+    if type(cache) is DenseKVCache:
+        tensors = [cache.k, cache.v] + [None] * 8
+        scalars = (0, cache.max_length, 0, 1, cache.head_dim)
+    else:
+        tensors = [getattr(cache, name) for name in _CACHE_TENSORS]
+        scalars = (cache.n_quant.data_ptr(), cache.ring, cache.quant_capacity, cache.group_size,
+                   cache.value_group)
+    base = [(t.data_ptr(), t.stride(0) * t.element_size()) if t is not None else (0, 0)
+            for t in tensors]
+    rows = [[p + layer * st if p else 0 for p, st in base] for layer in range(cache.num_layers)]
+    return (torch.tensor(rows, dtype=torch.int64), *scalars)
+
+
+def decode_logits(model, tokens: Tensor, cache, precision: Optional[int] = None,
+                  table: Optional[Tensor] = None) -> Tensor:
     """tokens [B] -> next-token logits [B, V], bitwise ``model(tokens.view(-1, 1),
-    cache=cache).logits[:, -1]``; the caller checked :func:`unsupported_reason`."""
+    cache=cache, precision=precision).logits[:, -1]``; the caller checked
+    :func:`unsupported_reason` (else this raises ValueError with the reason)."""
     cfg = model.config
     inner = model.model
     b = tokens.shape[0]
     if table is None:
-        table = _table(model)
+        table = _check(model, cache, b, precision)
         if isinstance(table, str):
             raise ValueError(f"decode_logits: {table}")
     input_ids = tokens.view(b, 1)
-    _, positions, _ = inner._begin_cache_step(cache, input_ids, None, None, None)
+    _, positions, precision = inner._begin_cache_step(cache, input_ids, None, None, precision)
     cos, sin = inner.rope_tables(int(positions.max()) + 1, input_ids.device)
     cos, sin = cos.float().contiguous(), sin.float().contiguous()  # as qk_norm_rope reads them
     x = inner.embed_tokens(input_ids).view(b, cfg.hidden_size).contiguous()
     out = torch.empty_like(x)
+    cache_table, n_quant, ring, quant_tokens, group, value_group = _cache_args(cache)
     _ext.extension().decode_layers_cpu(
-        x.data_ptr(), table.data_ptr(), cache.k.data_ptr(), cache.v.data_ptr(),
+        x.data_ptr(), table.data_ptr(), cache_table.data_ptr(), n_quant,
         cache.lengths.data_ptr(), cos.data_ptr(), sin.data_ptr(), inner.norm.weight.data_ptr(),
         out.data_ptr(), b, cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads,
-        cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size, cache.max_length,
-        cos.shape[0], float(cfg.rms_norm_eps), float(cfg.head_dim ** -0.5),
-        cpu_threads(UNCAPPED_STREAM_BYTES), cpu_threads(0), UNCAPPED_STREAM_BYTES)
+        cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size, ring, quant_tokens, group,
+        value_group, precision, cos.shape[0], float(cfg.rms_norm_eps),
+        float(cfg.head_dim ** -0.5), cpu_threads(UNCAPPED_STREAM_BYTES), cpu_threads(0),
+        UNCAPPED_STREAM_BYTES)
     return project(model.lm_head, out.view(b, 1, cfg.hidden_size))[:, -1]

@@ -31,6 +31,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from qwen3_fast.generate import cpu_step
 from qwen3_fast.generate.sampling import apply_penalties, filtered_candidates
 
 
@@ -325,7 +326,11 @@ def speculative_step(model, cache, pending: Tensor, gamma: int, sampler,
     weights = draft_weights(model) if config.draft_weight_bits == 4 else contextlib.nullcontext()
     with weights:
         for _ in range(gamma):
-            logits = model(tok.view(b, 1), cache=cache, precision=config.draft_kv_bits).logits[:, -1]
+            logits = None if config.draft_weight_bits == 4 else cpu_step.try_decode_logits(
+                model, tok, cache, config.draft_kv_bits)  # same logits, layers in one C++ call
+            if logits is None:
+                logits = model(tok.view(b, 1), cache=cache,
+                               precision=config.draft_kv_bits).logits[:, -1]
             q = full_probs(sampler, logits, state)
             tok = _sample_rows(q, generators)
             if state is not None:
