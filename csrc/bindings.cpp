@@ -128,8 +128,8 @@ PYBIND11_MODULE(_C, m) {
         arg("k"), arg("num_threads"), nogil);
   m.def("decode_layers_cpu", &c::decode_layers_bf16, arg("x"), arg("weights"), arg("cache"),
         arg("n_quant"), arg("lengths"), arg("cos"), arg("sin"), arg("final_norm"), arg("out"),
-        arg("batch"), arg("layers"), arg("hidden"), arg("heads_q"), arg("heads_kv"),
-        arg("head_dim"), arg("inter"), arg("ring"), arg("quant_tokens"), arg("group"),
+        arg("batch"), arg("n_new"), arg("layers"), arg("hidden"), arg("heads_q"),
+        arg("heads_kv"), arg("head_dim"), arg("inter"), arg("ring"), arg("quant_tokens"), arg("group"),
         arg("value_group"), arg("precision"), arg("max_pos"), arg("eps"), arg("scale"),
         arg("threads"), arg("small_threads"), arg("uncapped_stream_bytes"), nogil);
 

@@ -107,18 +107,19 @@ void grouped_gemm_nn_bf16(ptr a, ptr b, ptr offsets, ptr c, std::int64_t m, std:
 void linear_bf16(ptr x, ptr w, ptr y, std::int64_t m, std::int64_t n, std::int64_t k,
                  int num_threads);
 // One decode step through all decoder layers of a dense bf16 Qwen3 model over a bf16 cache
-// (decode_layers.cpp): x [batch, hidden] embeddings of the new tokens; weights: int64
+// (decode_layers.cpp), n_new tokens per sequence (positions lengths[b] - n_new ..
+// lengths[b] - 1): x [batch * n_new, hidden] embeddings of the new tokens; weights: int64
 // [layers, 11] pointers (input_layernorm, q, k, v, q_norm, k_norm, o, post_attention_layernorm,
 // gate, up, down; projections [out, in] contiguous); cache: int64 [layers, 10] pointers per
 // layer (k_buf, v_buf [batch, heads_kv, ring, head_dim] bf16, then k_u, k_l, k_min, k_scale,
 // v_u, v_l, v_min, v_scale as flash_decode takes them, 0 for a dense cache: precision 16,
-// ring = capacity); the new token's key/value go to slot (lengths[b] - 1) % ring (no group is
-// quantized: the caller checks); n_quant, lengths [batch] int32 including the new token;
-// cos/sin [max_pos, head_dim] float32; out [batch, hidden] = the final norm's output. Kernel
-// thread counts: `threads` for calls streaming >= uncapped_stream_bytes, else small_threads
-// (ops/_kernel_args.launch's rule). 1 <= batch <= 16.
+// ring = capacity); a new token's key/value go to slot position % ring (no group is
+// quantized: the caller checks); n_quant, lengths [batch] int32 including the new tokens;
+// cos/sin [max_pos, head_dim] float32; out [batch * n_new, hidden] = the final norm's output.
+// Kernel thread counts: `threads` for calls streaming >= uncapped_stream_bytes, else
+// small_threads (ops/_kernel_args.launch's rule). 1 <= batch * n_new <= 16.
 void decode_layers_bf16(ptr x, ptr weights, ptr cache, ptr n_quant, ptr lengths, ptr cos,
-                        ptr sin, ptr final_norm, ptr out, std::int64_t batch,
+                        ptr sin, ptr final_norm, ptr out, std::int64_t batch, std::int64_t n_new,
                         std::int64_t layers, std::int64_t hidden, std::int64_t heads_q,
                         std::int64_t heads_kv, std::int64_t head_dim, std::int64_t inter,
                         std::int64_t ring, std::int64_t quant_tokens, std::int64_t group,

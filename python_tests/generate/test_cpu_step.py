@@ -123,6 +123,33 @@ def test_hierarchical_bitwise_equal_to_eager(precision, lens, head_dim):
     assert any(used) and not all(used)  # both kinds of step ran
 
 
+@pytest.mark.parametrize("kind", ["dense", "hierarchical"])
+@pytest.mark.parametrize("lens", [[9], [13, 6, 2]])
+def test_verify_bitwise_equal_to_eager(kind, lens):
+    """A speculative verify step (5 tokens per sequence, causal among them) then a rollback
+    of some of them, twice: logits and cache equal the eager model's."""
+    model = _model(128)
+    fast, eager = (_prefilled(model, lens, kind=kind, group=8) for _ in range(2))
+    g = torch.Generator().manual_seed(5)
+    precision = 8 if kind == "hierarchical" else None
+    with torch.inference_mode():
+        for drop in ([1, 3, 0], [4, 0, 2]):
+            drop = drop[:len(lens)]
+            seq = torch.randint(0, model.config.vocab_size, (len(lens), 5), generator=g)
+            while kind == "hierarchical" and fast.step_quantizes(5):  # plain steps past it
+                tok = seq[:, 0]
+                _step(model, tok, fast, precision, False)
+                _step(model, tok, eager, precision, False)
+            a = cpu_step.try_verify_logits(model, seq, fast, precision)
+            assert a is not None
+            b = model(seq, cache=eager, precision=precision).logits
+            assert torch.equal(a, b)
+            _equal_states(fast, eager)
+            fast.rollback(drop)
+            eager.rollback(drop)
+            _equal_states(fast, eager)
+
+
 def test_two_threads_and_rollback():
     """With a thread team (no cap) and after a rollback the next step still matches."""
     model = _model(128)
@@ -146,8 +173,8 @@ def test_engine_decode_step_uses_it(monkeypatch):
     model = _model()
     cache = _prefilled(model, [4, 6])
     calls = []
-    real = cpu_step.decode_logits
-    monkeypatch.setattr(cpu_step, "decode_logits", lambda *a: calls.append(1) or real(*a))
+    real = cpu_step._logits
+    monkeypatch.setattr(cpu_step, "_logits", lambda *a: calls.append(1) or real(*a))
     with torch.inference_mode():
         decode_step(model, torch.tensor([3, 4]), cache)
         monkeypatch.setenv("QWEN3_FAST_CPU_STEP", "0")
@@ -170,18 +197,17 @@ def test_engine_tokens_equal_with_and_without(model_dir, monkeypatch, engine_arg
                              presence_penalty=0.5),
               SamplingParams(temperature=0.0, max_new_tokens=5, ignore_eos=True)]
     llm = LLM(model_dir, dtype=torch.bfloat16, max_seq_len=64, **engine_args)
-    with torch.inference_mode():
-        assert cpu_step.unsupported_reason(llm.model, llm.model.new_cache(3, 8), 3) is None
     calls = []
-    real = cpu_step.decode_logits
-    monkeypatch.setattr(cpu_step, "decode_logits", lambda *a: calls.append(1) or real(*a))
+    real = cpu_step._logits
+    monkeypatch.setattr(cpu_step, "_logits", lambda *a: calls.append(a[1].shape[1]) or real(*a))
     outs = {}
     for flag in ("1", "0"):
         monkeypatch.setenv("QWEN3_FAST_CPU_STEP", flag)
         outs[flag] = [o.token_ids for o in llm.generate(prompts, params)]
     assert outs["1"] == outs["0"]
     assert [len(t) for t in outs["1"]] == [12, 9, 5]
-    assert calls  # the one-call step ran (with the flag on)
+    assert 1 in calls  # the one-call step ran (with the flag on), and so did the verify
+    assert ("speculative" in engine_args) == (4 in calls)
 
 
 class _Wrapped(nn.Linear):
@@ -236,12 +262,17 @@ def test_unsupported_modes():
     cache = model.new_cache(17, 32)
     with torch.inference_mode():
         assert "batch" in cpu_step.unsupported_reason(model, cache, 17)
+        assert "batch" in cpu_step.unsupported_reason(model, _prefilled(model, [3, 4]), 2, n=9)
+        assert "prefill" in cpu_step.unsupported_reason(model, model.new_cache(1, 32), 1)
+        cache = _prefilled(model, [3])
         with _backend.use_backend("reference"):
-            assert "forced" in cpu_step.unsupported_reason(model, model.new_cache(1, 32), 1)
+            assert "forced" in cpu_step.unsupported_reason(model, cache, 1)
         with torch.profiler.profile():
-            assert cpu_step.unsupported_reason(model, model.new_cache(1, 32), 1) is not None
+            assert cpu_step.unsupported_reason(model, cache, 1) is not None
+        with pytest.raises(ValueError, match="batch"):
+            cpu_step.decode_logits(model, torch.zeros(17, dtype=torch.long), cache)
     # autograd: the eager ops must build the graph
-    assert "grad" in cpu_step.unsupported_reason(model, model.new_cache(1, 32), 1)
+    assert "grad" in cpu_step.unsupported_reason(model, cache, 1)
 
 
 def test_launcher_checks_its_arguments():
@@ -250,7 +281,7 @@ def test_launcher_checks_its_arguments():
     buf = torch.zeros(64, dtype=torch.bfloat16)
     p = buf.data_ptr()
     args = dict(x=p, weights=p, cache=p, n_quant=0, lengths=lengths.data_ptr(), cos=p, sin=p,
-                final_norm=p, out=p, batch=1, layers=1, hidden=8, heads_q=2, heads_kv=1,
+                final_norm=p, out=p, batch=1, n_new=1, layers=1, hidden=8, heads_q=2, heads_kv=1,
                 head_dim=4, inter=8, ring=4, quant_tokens=0, group=1, value_group=4,
                 precision=16, max_pos=4, eps=1e-6, scale=0.5, threads=1, small_threads=1,
                 uncapped_stream_bytes=1 << 20)
@@ -258,6 +289,8 @@ def test_launcher_checks_its_arguments():
         C.decode_layers_cpu(**args)
     with pytest.raises(ValueError, match="batch"):
         C.decode_layers_cpu(**{**args, "batch": 17})
+    with pytest.raises(ValueError, match="n_new"):
+        C.decode_layers_cpu(**{**args, "batch": 4, "n_new": 5})
     with pytest.raises(ValueError, match="bad sizes"):
         C.decode_layers_cpu(**{**args, "heads_q": 3, "heads_kv": 2})
     with pytest.raises(ValueError, match="precision"):

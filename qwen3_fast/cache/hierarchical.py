@@ -139,11 +139,11 @@ class HierarchicalKVCache(KVCacheBase):
     def quantized_lengths(self) -> list[int]:
         return list(self._nq)
 
-    def decode_step_quantizes(self) -> bool:
-        """Whether a one-token step of every sequence would push a group out of the ring
-        (that step quantizes it in :meth:`write`; the others only write ring slots)."""
+    def step_quantizes(self, n: int = 1) -> bool:
+        """Whether a step adding `n` tokens to every sequence would push a group out of the
+        ring (that step quantizes it in :meth:`write`; the others only write ring slots)."""
         g = self.group_size
-        return any(quantized_length(n + 1, g) > q for n, q in zip(self._len, self._nq))
+        return any(quantized_length(length + n, g) > q for length, q in zip(self._len, self._nq))
 
     # ------------------------------------------------------------------ writes
     def write(self, layer: int, k: Tensor, v: Tensor) -> None:

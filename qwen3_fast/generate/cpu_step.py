@@ -112,7 +112,9 @@ def _table(model) -> "str | Tensor":
     return torch.tensor(rows, dtype=torch.int64)
 
 
-def _check(model, cache, batch: int, precision: Optional[int]) -> "str | Tensor":
+def _check(model, cache, batch: int, n: int, precision: Optional[int]) -> "str | Tensor":
+    """The weight table for a step of `n` tokens for each of `batch` sequences, or why the
+    one-call step does not apply."""
     if not enabled():
         return "QWEN3_FAST_CPU_STEP=0"
     if not (_ext.available() and hasattr(_ext.extension(), "decode_layers_cpu")):
@@ -125,14 +127,16 @@ def _check(model, cache, batch: int, precision: Optional[int]) -> "str | Tensor"
     elif type(cache) is HierarchicalKVCache:
         if precision not in (None, 8, 4):
             return f"precision {precision} on a hierarchical cache"
-        if cache.decode_step_quantizes():
+        if cache.step_quantizes(n):
             return "this step quantizes a group of the hierarchical cache (the eager write does)"
     else:
         return "needs a DenseKVCache or a HierarchicalKVCache"
     if cache.dtype != torch.bfloat16:
         return "needs a bf16 cache"
-    if not 1 <= batch <= MAX_KERNEL_ROWS:
-        return f"batch must be 1..{MAX_KERNEL_ROWS}"
+    if not (1 <= batch and 1 <= n and batch * n <= MAX_KERNEL_ROWS):
+        return f"batch * new tokens must be 1..{MAX_KERNEL_ROWS}"
+    if not any(cache.seq_lengths()):
+        return "an empty cache: the step is a prefill (the eager model's SDPA path)"
     if _backend.get_backend() not in (None, "cpu"):
         return f"backend {_backend.get_backend()!r} is forced"
     if torch.is_grad_enabled() or _backend.dispatch_needed(()):
@@ -140,20 +144,31 @@ def _check(model, cache, batch: int, precision: Optional[int]) -> "str | Tensor"
     return _table(model)
 
 
-def unsupported_reason(model, cache, batch: int, precision: Optional[int] = None
-                       ) -> Optional[str]:
-    """None when :func:`decode_logits` can run this step, else why not (for tests/logs)."""
-    got = _check(model, cache, batch, precision)
+def unsupported_reason(model, cache, batch: int, precision: Optional[int] = None,
+                       n: int = 1) -> Optional[str]:
+    """None when the one-call step can run `n` new tokens for each of `batch` sequences,
+    else why not (for tests/logs)."""
+    got = _check(model, cache, batch, n, precision)
     return got if isinstance(got, str) else None
 
 
 def try_decode_logits(model, tokens: Tensor, cache, precision: Optional[int] = None
                       ) -> Optional[Tensor]:
-    """:func:`decode_logits` when it applies to this step (see the module docstring), else
-    None (the caller runs the eager model)."""
-    table = _check(model, cache, tokens.shape[0], precision)
-    return None if isinstance(table, str) else decode_logits(model, tokens, cache, precision,
-                                                             table)
+    """tokens [B] -> :func:`decode_logits` [B, V] when the one-call step applies (see the
+    module docstring), else None (the caller runs the eager model)."""
+    table = _check(model, cache, tokens.shape[0], 1, precision)
+    if isinstance(table, str):
+        return None
+    return _logits(model, tokens.view(-1, 1), cache, precision, table)[:, -1]
+
+
+def try_verify_logits(model, tokens: Tensor, cache, precision: Optional[int] = None
+                      ) -> Optional[Tensor]:
+    """tokens [B, n] -> logits [B, n, V], bitwise ``model(tokens, cache=cache,
+    precision=precision).logits`` (a speculative verify step), or None where the one-call
+    step does not apply."""
+    table = _check(model, cache, tokens.shape[0], tokens.shape[1], precision)
+    return None if isinstance(table, str) else _logits(model, tokens, cache, precision, table)
 
 
 _CACHE_TENSORS = ("k_buf", "v_buf", "k_u", "k_l", "k_min", "k_scale", "v_u", "v_l", "v_min",
@@ -176,31 +191,33 @@ def _cache_args(cache) -> tuple:
     return (torch.tensor(rows, dtype=torch.int64), *scalars)
 
 
-def decode_logits(model, tokens: Tensor, cache, precision: Optional[int] = None,
-                  table: Optional[Tensor] = None) -> Tensor:
+def decode_logits(model, tokens: Tensor, cache, precision: Optional[int] = None) -> Tensor:
     """tokens [B] -> next-token logits [B, V], bitwise ``model(tokens.view(-1, 1),
-    cache=cache, precision=precision).logits[:, -1]``; the caller checked
-    :func:`unsupported_reason` (else this raises ValueError with the reason)."""
+    cache=cache, precision=precision).logits[:, -1]``; ValueError (with the reason) where
+    the one-call step does not apply (:func:`unsupported_reason`)."""
+    table = _check(model, cache, tokens.shape[0], 1, precision)
+    if isinstance(table, str):
+        raise ValueError(f"decode_logits: {table}")
+    return _logits(model, tokens.view(-1, 1), cache, precision, table)[:, -1]
+
+
+def _logits(model, input_ids: Tensor, cache, precision: Optional[int], table: Tensor) -> Tensor:
+    """input_ids [B, n] -> logits [B, n, V] through decode_layers_cpu (checked by _check)."""
     cfg = model.config
     inner = model.model
-    b = tokens.shape[0]
-    if table is None:
-        table = _check(model, cache, b, precision)
-        if isinstance(table, str):
-            raise ValueError(f"decode_logits: {table}")
-    input_ids = tokens.view(b, 1)
+    b, n = input_ids.shape
     _, positions, precision = inner._begin_cache_step(cache, input_ids, None, None, precision)
     cos, sin = inner.rope_tables(int(positions.max()) + 1, input_ids.device)
     cos, sin = cos.float().contiguous(), sin.float().contiguous()  # as qk_norm_rope reads them
-    x = inner.embed_tokens(input_ids).view(b, cfg.hidden_size).contiguous()
+    x = inner.embed_tokens(input_ids).view(b * n, cfg.hidden_size).contiguous()
     out = torch.empty_like(x)
     cache_table, n_quant, ring, quant_tokens, group, value_group = _cache_args(cache)
     _ext.extension().decode_layers_cpu(
         x.data_ptr(), table.data_ptr(), cache_table.data_ptr(), n_quant,
         cache.lengths.data_ptr(), cos.data_ptr(), sin.data_ptr(), inner.norm.weight.data_ptr(),
-        out.data_ptr(), b, cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads,
+        out.data_ptr(), b, n, cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads,
         cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size, ring, quant_tokens, group,
         value_group, precision, cos.shape[0], float(cfg.rms_norm_eps),
         float(cfg.head_dim ** -0.5), cpu_threads(UNCAPPED_STREAM_BYTES), cpu_threads(0),
         UNCAPPED_STREAM_BYTES)
-    return project(model.lm_head, out.view(b, 1, cfg.hidden_size))[:, -1]
+    return project(model.lm_head, out.view(b, n, cfg.hidden_size))

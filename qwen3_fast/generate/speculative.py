@@ -341,7 +341,9 @@ def speculative_step(model, cache, pending: Tensor, gamma: int, sampler,
     draft_tokens = torch.stack(drafts, dim=1)  # [B, gamma]
     t1 = time.perf_counter()
     seq = torch.cat([pending.view(b, 1), draft_tokens], dim=1)
-    logits = model(seq, cache=cache, precision=8).logits  # [B, gamma + 1, V]
+    logits = cpu_step.try_verify_logits(model, seq, cache, 8)  # one C++ call where it applies
+    if logits is None:
+        logits = model(seq, cache=cache, precision=8).logits  # [B, gamma + 1, V]
     state = _clone_state(sampler.state)
     ps = []
     for i in range(gamma + 1):
