@@ -110,6 +110,20 @@ def test_gamma_controller_follows_acceptance():
     assert hi.gamma <= 8
 
 
+def test_gamma_controller_falls_back_to_plain_steps_and_probes():
+    """Costs like this CPU's (draft 0.9x a plain step, verify 2.7x): no gamma beats plain
+    decoding even at full acceptance, so "auto" decodes plainly, probing every 16 steps."""
+    ctrl = GammaController(max_gamma=8, probe_every=16)
+    assert ctrl.update_plain(1.0) == 4  # before any speculative measurement: keep gamma
+    assert ctrl.update(drafted=4, accepted=4, draft_seconds=3.6, verify_seconds=2.7, gamma=4) == 0
+    answers = [ctrl.update_plain(1.0) for _ in range(16)]
+    assert answers[:15] == [0] * 15 and answers[15] == ctrl.best >= 1  # the probe
+    # a cheap draft pays: speculation stays on
+    good = GammaController(max_gamma=8)
+    good.update_plain(1.0)
+    assert good.update(drafted=4, accepted=4, draft_seconds=1.2, verify_seconds=1.2, gamma=4) >= 1
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(gamma=0), "gamma"), (dict(gamma="fast"), "gamma"), (dict(gamma=9, max_gamma=8), "max_gamma"),
     (dict(draft_kv_bits=2), "draft_kv_bits"), (dict(draft_weight_bits=8), "draft_weight_bits"),

@@ -183,6 +183,7 @@ class SpeculativeStats:
     draft_seconds: float = 0.0
     verify_seconds: float = 0.0
     gammas: list = field(default_factory=list)
+    plain_steps: int = 0        # plain decode steps (the first; budget/room; auto's fallback)
 
     @property
     def acceptance_rate(self) -> float:
@@ -198,7 +199,7 @@ class SpeculativeStats:
         return {"steps": self.steps, "drafted": self.drafted, "accepted": self.accepted,
                 "acceptance_rate": self.acceptance_rate, "tokens_per_step": self.tokens_per_step,
                 "draft_seconds": self.draft_seconds, "verify_seconds": self.verify_seconds,
-                "gamma_mean": (sum(self.gammas) / len(self.gammas)) if self.gammas else 0.0}
+                "plain_steps": self.plain_steps, "gamma_mean": (sum(self.gammas) / len(self.gammas)) if self.gammas else 0.0}
 
 
 def expected_tokens(alpha: float, gamma: int) -> float:
@@ -228,24 +229,35 @@ class GammaController:
     """Picks gamma from measured acceptance and step costs (``gamma="auto"``).
 
     Keeps exponential moving averages of the per-token acceptance rate, the cost of one
-    draft step and the cost of one verify pass, and chooses the gamma in [1, max_gamma] that
-    maximizes expected tokens per second, ``expected_tokens(alpha, g) / (g * c_d + c_v)``.
+    draft step, of one verify pass and of one plain decode step, and chooses the gamma in
+    [1, max_gamma] that maximizes expected tokens per second,
+    ``expected_tokens(alpha, g) / (g * c_d + c_v)``. When even that best rate is below plain
+    decoding's ``1 / c_plain`` (speculation does not pay: low acceptance, or a draft that is
+    not much cheaper than the target, as on a CPU where a small model's attention is
+    compute-bound), it answers 0: plain decode steps, ``probe_every`` of them, then one
+    speculative step with the best gamma to measure again.
     """
 
-    def __init__(self, max_gamma: int, initial: int = 4, decay: float = 0.8):
+    def __init__(self, max_gamma: int, initial: int = 4, decay: float = 0.8,
+                 probe_every: int = 16):
         self.max_gamma = max_gamma
         self.gamma = max(1, min(initial, max_gamma))
         self.decay = decay
+        self.probe_every = probe_every
         self.alpha: Optional[float] = None
         self.draft_cost: Optional[float] = None
         self.verify_cost: Optional[float] = None
+        self.plain_cost: Optional[float] = None
+        self.best = self.gamma  # the best speculative gamma, what a probe uses
+        self.plain_left = 0  # plain steps before the next probe
 
     def _ema(self, old: Optional[float], new: float) -> float:
         return new if old is None else self.decay * old + (1 - self.decay) * new
 
     def update(self, drafted: int, accepted: int, draft_seconds: float, verify_seconds: float,
                gamma: int) -> int:
-        """Record one step (counts summed over rows); returns the gamma for the next step."""
+        """Record one speculative step (counts summed over rows); returns the gamma for the
+        next step (0: plain decoding)."""
         if drafted > 0:
             self.alpha = self._ema(self.alpha, accepted / drafted)
         if gamma > 0:
@@ -254,10 +266,26 @@ class GammaController:
         if self.alpha is None or not self.draft_cost or not self.verify_cost:
             return self.gamma
         alpha = min(self.alpha, 0.999)
-        best = max(range(1, self.max_gamma + 1),
-                   key=lambda g: expected_tokens(alpha, g) / (g * self.draft_cost + self.verify_cost))
-        self.gamma = best
-        return best
+
+        def rate(g):
+            return expected_tokens(alpha, g) / (g * self.draft_cost + self.verify_cost)
+
+        self.best = max(range(1, self.max_gamma + 1), key=rate)
+        if self.plain_cost and rate(self.best) * self.plain_cost < 1.0:
+            self.plain_left = self.probe_every
+            self.gamma = 0
+        else:
+            self.gamma = self.best
+        return self.gamma
+
+    def update_plain(self, seconds: float) -> int:
+        """Record one plain decode step; returns the gamma for the next step (0: plain)."""
+        self.plain_cost = self._ema(self.plain_cost, seconds)
+        if self.gamma == 0:
+            self.plain_left -= 1
+            if self.plain_left <= 0:
+                self.gamma = self.best  # probe: measure speculation again
+        return self.gamma
 
 
 def _clone_state(state):
@@ -431,7 +459,11 @@ def run_speculative_batch(llm, rows: list, prompts: Sequence[Sequence[int]], par
             if any(done):
                 cache.rollback(done)  # finished rows keep their length (engine.py)
             tokens = sampler.sample(logits)
-            plain_cost = plain_cost or time.perf_counter() - ts
+            seconds = time.perf_counter() - ts
+            plain_cost = plain_cost or seconds
+            stats.plain_steps += 1
+            if ctrl is not None:
+                gamma = ctrl.update_plain(seconds)
             continue
         with cpu_thread_cap(decode_thread_cap(model, cache)):
             out, n, t_draft, t_verify = speculative_step(model, cache, tokens, g, sampler, config)
