@@ -35,6 +35,11 @@ every ``sync_every`` steps. It is OFF by default because no GPU has run it yet; 
 dense caches of dense models (the int8 cache, MoE models and speculative decoding decode
 eagerly).
 
+On the CPU the decode step (:func:`decode_step`) runs all decoder layers of a dense bf16
+model in one C++ call (:mod:`~qwen3_fast.generate.cpu_step`: the same kernels in the same
+order, bitwise the eager logits, without ~35 us of Python per kernel call), over the bf16 and
+the int8 cache alike; other models and steps run the eager model.
+
 Thinking budget: once a sequence has generated ``thinking_budget`` tokens without ``</think>``
 the engine feeds the tokens of :data:`~qwen3_fast.generate.params.BUDGET_SENTENCE` in place of
 the sampled ones, one per step (keeping the batch's uniform step), then sampling resumes in
