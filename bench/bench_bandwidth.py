@@ -1,7 +1,8 @@
 """Memory bandwidth of this machine (the denominator of every "fraction of bandwidth").
 
-A STREAM-style copy of 512 MiB with ``Tensor.copy_`` at torch's thread count; bytes read
-plus bytes written over the median time. Run: ``pytest bench/bench_bandwidth.py
+The denominator is bench/_bandwidth.py's: the best of a 512 MiB copy (bytes read plus
+bytes written) and a read-only sum. This benchmark times the copy itself with
+``Tensor.copy_`` at torch's thread count. Run: ``pytest bench/bench_bandwidth.py
 --benchmark-only``.
 """
 from __future__ import annotations

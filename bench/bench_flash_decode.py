@@ -7,7 +7,7 @@ Run: ``pytest bench/bench_flash_decode.py --benchmark-only -s`` (prints a ratio 
 writes bench/results/flash_decode_cpu.md). Bytes counted per call: the cache bytes each
 implementation must read, B * context * bytes_per_token (dense 4096 B per token per
 layer; 8-bit codes + scales 2112 B; 4-bit 1088 B) plus, for 8/4, the buffered tokens;
-the fraction is of the measured copy bandwidth (bench/_bandwidth.py).
+the fraction is of the measured memory bandwidth (bench/_bandwidth.py).
 Memory per token is the cache's storage: 8-bit with scales is 2112 / 4096 = 0.516x bf16.
 Caches are filled with random contents directly (quantization cost is not timed here).
 """
@@ -96,7 +96,7 @@ def _report():
     dense_bpt = 2 * HKV * D * 2
     hier = HierarchicalKVCache(1, 1, HKV, D, G, torch.bfloat16, group_size=G)
     lines = [f"flash_decode CPU, Hq/Hkv {HQ}/{HKV}, D {D}, G {G}, bf16, "
-             f"{torch.get_num_threads()} threads, copy bandwidth {bw / 1e9:.1f} GB/s "
+             f"{torch.get_num_threads()} threads, memory bandwidth {bw / 1e9:.1f} GB/s "
              f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})",
              f"memory per token per layer: bf16 {dense_bpt} B; 8-bit+scales "
              f"{hier.bytes_per_token(8):.0f} B ({hier.bytes_per_token(8) / dense_bpt:.3f}x); "

@@ -3,7 +3,7 @@ torch.nn.functional.linear (what nn.Linear / HF eager run) vs the float32 refere
 
 Run: ``pytest bench/bench_linear.py --benchmark-only``. Bytes counted: the weight N*K*2
 (read once, the whole cost of decode) plus x and y. ``extra_info.bandwidth`` is the
-machine's measured copy bandwidth (bench/_bandwidth.py): bytes / time / bandwidth is the
+machine's measured memory bandwidth (bench/_bandwidth.py): bytes / time / bandwidth is the
 fraction of it a call reaches. Shapes (N, K) are Qwen3 projections: 0.6B q/o (2048x1024,
 1024x2048 are close to 1024x1024 here), gate_up-like 6144x1024, down-like 1024x3072,
 lm_head 151936x1024, and 8B-like 4096x4096. CPU only: on CUDA ops.linear is F.linear.
