@@ -11,6 +11,15 @@ from qwen3_fast.model import Qwen3Config, Qwen3ForCausalLM
 from qwen3_fast.tokenizer_train import build_test_tokenizer
 
 
+def randomize_norms(model):
+    """Norm weights start at 1; add N(0, 0.1) so their math is exercised. Returns model."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
 def tiny_model_dir(path, moe: bool = False, generation_config: dict | None = None,
                    seed: int = 0, init: float = 0.2, layers: int = 2) -> str:
     """Write config.json + safetensors + tokenizer files (+ generation_config.json) to path.
@@ -26,11 +35,7 @@ def tiny_model_dir(path, moe: bool = False, generation_config: dict | None = Non
                       initializer_range=init, tie_word_embeddings=True,
                       eos_token_id=tok.im_end_id, **extra)
     torch.manual_seed(seed)
-    model = Qwen3ForCausalLM(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(0.1 * torch.randn_like(p))
+    model = randomize_norms(Qwen3ForCausalLM(cfg))
     model.save_pretrained(path)
     if generation_config is not None:
         with open(os.path.join(path, "generation_config.json"), "w") as f:

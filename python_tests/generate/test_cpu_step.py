@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from gen_testlib import one_thread, tiny_model_dir  # noqa: F401 (autouse fixture)
+from gen_testlib import one_thread, randomize_norms, tiny_model_dir  # noqa: F401 (autouse fixture)
 from qwen3_fast import LLM, QuantSpecConfig, SamplingParams, _ext
 from qwen3_fast.generate import cpu_step
 from qwen3_fast.generate.engine import decode_step
@@ -33,12 +33,7 @@ def _model(head_dim=64, tied=True, layers=3, seed=0, **extra):
                       head_dim=head_dim, max_position_embeddings=256, rope_theta=1e4,
                       initializer_range=0.2, tie_word_embeddings=tied, **extra)
     torch.manual_seed(seed)
-    model = Qwen3ForCausalLM(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(0.1 * torch.randn_like(p))
-    return model.to(torch.bfloat16).eval()
+    return randomize_norms(Qwen3ForCausalLM(cfg)).to(torch.bfloat16).eval()
 
 
 def _prefilled(model, lens, max_len=64, kind="dense", group=128):

@@ -13,15 +13,16 @@ It applies (:func:`unsupported_reason` returns None) to eager inference on the C
 bf16 model whose layers are all dense, with plain bias-free ``nn.Linear`` projections and
 ``ops.RMSNorm`` norms, no forward hooks, over a bf16 :class:`~qwen3_fast.cache.DenseKVCache`
 or :class:`~qwen3_fast.cache.HierarchicalKVCache` (read at 8 or 4 bits; not in the one step
-in G where a group leaves the full-precision ring and is quantized), 1-16 sequences (the
-skinny linear kernel's rows), the default (or forced "cpu") backend, and nothing that needs
-torch's dispatcher (autograd, the profiler, torch.compile, dispatch modes: the eager ops
-would route through it and be seen there). Anything else - MoE layers, LoRA wrappers, fp32
-models, a verify step of several tokens, the int4 draft weights - takes the eager model.
+in G where a group leaves the full-precision ring and is quantized), 1-16 token rows
+(sequences x new tokens: the skinny linear kernel's rows), a non-empty cache, the default
+(or forced "cpu") backend, and nothing that needs torch's dispatcher (autograd, the
+profiler, torch.compile, dispatch modes: the eager ops would route through it and be seen
+there). Anything else - MoE layers, LoRA wrappers, fp32 models, the int4 draft weights, a
+prefill - takes the eager model.
 
 Users: the engine's ``decode_step`` (plain decoding, both caches) and the speculative draft
-(generate/speculative.py). ``QWEN3_FAST_CPU_STEP=0`` turns it off (A/B measurements,
-debugging).
+and verify passes (generate/speculative.py). ``QWEN3_FAST_CPU_STEP=0`` turns it off (A/B
+measurements, debugging).
 """
 from __future__ import annotations
 

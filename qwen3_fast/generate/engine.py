@@ -108,10 +108,9 @@ def decode_thread_cap(model, cache) -> Optional[int]:
 def decode_step(model, tokens: torch.Tensor, cache) -> torch.Tensor:
     """tokens [B] -> next-token logits [B, V] (one token per sequence through the cache)."""
     with cpu_thread_cap(decode_thread_cap(model, cache)):
-        if model.device.type == "cpu":  # the same logits, the layers in one C++ call
-            logits = cpu_step.try_decode_logits(model, tokens, cache)
-            if logits is not None:
-                return logits
+        logits = cpu_step.try_decode_logits(model, tokens, cache)  # CPU: the layers in one call
+        if logits is not None:
+            return logits
         return model(tokens.view(-1, 1), cache=cache).logits[:, -1]
 
 

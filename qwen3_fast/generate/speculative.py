@@ -354,8 +354,9 @@ def speculative_step(model, cache, pending: Tensor, gamma: int, sampler,
     weights = draft_weights(model) if config.draft_weight_bits == 4 else contextlib.nullcontext()
     with weights:
         for _ in range(gamma):
-            logits = None if config.draft_weight_bits == 4 else cpu_step.try_decode_logits(
-                model, tok, cache, config.draft_kv_bits)  # same logits, layers in one C++ call
+            # the same logits, the layers in one C++ call (not with the int4 draft weights:
+            # cpu_step sees use_draft and declines)
+            logits = cpu_step.try_decode_logits(model, tok, cache, config.draft_kv_bits)
             if logits is None:
                 logits = model(tok.view(b, 1), cache=cache,
                                precision=config.draft_kv_bits).logits[:, -1]
