@@ -115,12 +115,18 @@ def test_moe_block(benchmark, impl, tokens, hidden, mode):
             benchmark.pedantic(lambda: _run(block, x, backend), rounds=5 if tokens < 512 else 3,
                                warmup_rounds=1, iterations=1)
         return
-    xg = x.clone().requires_grad_()
+    # Four batches in turn, as a training loop never sees the same tokens twice in a row: the
+    # experts hit change every step (our recycled gradient pages must move, HF's per-expert
+    # gradients come and go). zero_grad(set_to_none) before each step, like the optimizers.
+    xs = [x] + [torch.randn_like(x) for _ in range(3)]
+    xs = [t.clone().requires_grad_() for t in xs]
     dy = torch.randn_like(x)
+    turn = iter(range(1 << 30))
 
     def step():
         for p in params:
             p.grad = None
+        xg = xs[next(turn) % len(xs)]
         xg.grad = None
         _run(block, xg, backend).backward(dy)
 

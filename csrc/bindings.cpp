@@ -2,8 +2,10 @@
 // passes data_ptr() integers, sizes and dtype codes (qwen3_fast/ops/_kernel_args.py).
 // C++ std::invalid_argument surfaces as ValueError, std::runtime_error as RuntimeError.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include "cpu/kernels.h"
+#include "cpu/zero_slabs.h"
 #ifdef QWEN3_FAST_WITH_CUDA
 #include "cuda/kernels.h"
 #endif
@@ -132,6 +134,29 @@ PYBIND11_MODULE(_C, m) {
         arg("heads_kv"), arg("head_dim"), arg("inter"), arg("ring"), arg("quant_tokens"), arg("group"),
         arg("value_group"), arg("precision"), arg("max_pos"), arg("eps"), arg("scale"),
         arg("threads"), arg("small_threads"), arg("uncapped_stream_bytes"), nogil);
+
+  // Recycled zero pages for the MoE weight gradients (cpu/zero_slabs.cpp). A block exports
+  // the buffer protocol; torch.frombuffer keeps it alive as long as the tensor's storage.
+  py::class_<c::ZeroSlabBlock>(m, "ZeroSlabBlock", py::buffer_protocol())
+      .def_buffer([](c::ZeroSlabBlock& b) {
+        return py::buffer_info(b.data(), 1, py::format_descriptor<std::uint8_t>::format(), 1,
+                               {static_cast<py::ssize_t>(b.nbytes())}, {py::ssize_t{1}},
+                               /*readonly=*/false);
+      });
+  m.def("zero_slabs_supported", &c::zero_slabs_supported);
+  m.def("zero_slabs_page_size", &c::zero_slabs_page_size);
+  m.def("zero_slabs_take", &c::zero_slabs_take, arg("nbytes"), arg("slab"), arg("written"));
+  m.def("zero_slabs_stats", [] {
+    const c::ZeroSlabStats s = c::zero_slabs_stats();
+    py::dict d;
+    d["hits"] = s.hits;
+    d["misses"] = s.misses;
+    d["cached_blocks"] = s.cached_blocks;
+    d["cached_bytes"] = s.cached_bytes;
+    d["cap_bytes"] = s.cap_bytes;
+    return d;
+  });
+  m.def("zero_slabs_empty_cache", &c::zero_slabs_empty_cache);
 
 #ifdef QWEN3_FAST_WITH_CUDA
   namespace g = qwen3_fast::cuda;

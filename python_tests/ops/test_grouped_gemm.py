@@ -6,6 +6,7 @@ groups, rows outside every group, and trans_b both ways; bad inputs named.
 """
 from __future__ import annotations
 
+import importlib
 import importlib.util
 
 import pytest
@@ -74,12 +75,14 @@ def test_rows_outside_every_group_are_zero(device, backend, trans_b):
 
 @pytest.mark.parametrize("trans_b", [False, True], ids=["nn", "nt"])
 def test_cpu_weight_gradient_from_untouched_zero_pages(monkeypatch, trans_b):
-    # Large CPU weight gradients come from calloc'd pages and only non-empty groups are
-    # written; force that path on a small case: empty groups must still read as exact zeros.
-    import importlib
+    # Large CPU weight gradients come from zero pages and only non-empty groups are written
+    # (cpu_grad_cache.zeros_except; slabs that are not page multiples take calloc'd pages,
+    # test_cpu_grad_cache.py covers the recycled ones). Force that path on a small case:
+    # empty groups must still read as exact zeros.
+    from qwen3_fast.ops import cpu_grad_cache
 
     gg = importlib.import_module("qwen3_fast.ops.grouped_gemm")
-    monkeypatch.setattr(gg, "_LAZY_ZERO_BYTES", 0)
+    monkeypatch.setattr(cpu_grad_cache, "RECYCLE_MIN_BYTES", 0)
     a, b, offsets = _inputs([0, 3, 0, 0, 2, 0], 8, 6, trans_b, torch.bfloat16, "cpu")
     _check(a, b, offsets, trans_b, torch.bfloat16, "cpu")
     db = gg._grouped_gemm_wgrad(a, torch.randn(a.shape[0], 6, dtype=torch.bfloat16), offsets,

@@ -9,6 +9,7 @@ from qwen3_fast.ops import reference
 from qwen3_fast.ops._backend import BACKENDS, get_backend, set_backend, use_backend
 from qwen3_fast.ops.add_rms_norm import add_rms_norm
 from qwen3_fast.ops.attention import attention
+from qwen3_fast.ops.cpu_grad_cache import cpu_grad_cache_stats, empty_cpu_grad_cache
 from qwen3_fast.ops.flash_decode import flash_decode
 from qwen3_fast.ops.kv_quantize import kv_dequantize, kv_quantize
 from qwen3_fast.ops.linear import linear
@@ -31,7 +32,8 @@ from qwen3_fast.ops.silu_and_mul import silu_and_mul
 OPS = ("rms_norm", "add_rms_norm", "silu_and_mul", "qk_norm_rope", "kv_quantize",
        "flash_decode", "moe", "moe_permute", "grouped_gemm")
 
-__all__ = ["BACKENDS", "OPS", "RMSNorm", "add_rms_norm", "attention", "flash_decode",
+__all__ = ["BACKENDS", "OPS", "RMSNorm", "add_rms_norm", "attention", "cpu_grad_cache_stats",
+           "empty_cpu_grad_cache", "flash_decode",
            "get_backend", "kv_dequantize", "kv_quantize",
            "linear", "linear_cross_entropy", "linear_jsd", "linear_logprobs",
            "expert_selection_counts", "global_expert_frequencies", "global_load_balancing_loss",

@@ -37,7 +37,6 @@ K reduction, N output columns, E groups.
 """
 from __future__ import annotations
 
-import math
 import os
 
 import torch
@@ -46,6 +45,7 @@ from torch import Tensor
 from qwen3_fast import _ext
 from qwen3_fast.ops import _backend, _checks, reference
 from qwen3_fast.ops._kernel_args import code, launch, ptr
+from qwen3_fast.ops.cpu_grad_cache import zeros_except
 
 # Backend names grouped_gemm(..., backend=...) accepts: the global ones plus "cutlass".
 GROUPED_GEMM_BACKENDS = _backend.BACKENDS + ("cutlass",)
@@ -179,38 +179,18 @@ def grouped_gemm_wgrad(a: Tensor, dc: Tensor, offsets: Tensor, trans_b: bool,
         wgrad = _cutlass_grouped_wgrad if backend == "cutlass" else _cuda_grouped_wgrad
         wgrad(*((dc, a) if trans_b else (a, dc)), offsets, db)
         return db
-    db = _zeros_untouched(shape, a.dtype)
     bounds = _bounds(offsets)
-    for e in range(num_groups):
+    written = [e for e in range(num_groups) if bounds[e + 1] > bounds[e]]
+    # zero except the non-empty groups, which the matmuls below overwrite in full; large
+    # gradients come from recycled pages (cpu_grad_cache.py: no page faults per step)
+    db = zeros_except(shape, a.dtype, written)
+    for e in written:
         lo, hi = bounds[e], bounds[e + 1]
-        if hi == lo:
-            continue  # already zero (and, when large, never touched: see _zeros_untouched)
         if trans_b:
             torch.matmul(dc[lo:hi].t(), a[lo:hi], out=db[e])
         else:
             torch.matmul(a[lo:hi].t(), dc[lo:hi], out=db[e])
     return db
-
-
-# Above this size a CPU weight gradient comes from the OS zero pages (below it torch.zeros).
-_LAZY_ZERO_BYTES = 32 << 20
-
-
-def _zeros_untouched(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
-    """A zero CPU tensor whose pages are only materialized where something is written.
-
-    An MoE weight gradient is as large as the expert weights (1.2 GB for a Qwen3-30B-A3B
-    layer in bf16) but only the experts that received tokens get nonzero rows. torch.zeros
-    would write every byte (and fault in every page); numpy's zeros uses calloc, which for
-    large blocks maps fresh zero pages without touching them. With one token, 8 of 128
-    experts' pages are written, the same bytes as HF's per-expert Linear gradients.
-    """
-    nbytes = math.prod(shape) * dtype.itemsize
-    if nbytes < _LAZY_ZERO_BYTES:
-        return torch.zeros(shape, dtype=dtype)
-    import numpy as np
-
-    return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
 
 
 def _cuda_grouped_gemm(a, b, offsets, c, trans_b):
