@@ -112,7 +112,7 @@ def test_moe_block(benchmark, impl, tokens, hidden, mode):
     benchmark.extra_info.update(impl=impl, device="cpu", bytes=nbytes * (3 if mode != "fwd" else 1))
     if mode == "fwd":
         with torch.no_grad():
-            benchmark.pedantic(lambda: _run(block, x, backend), rounds=5 if tokens < 512 else 3,
+            benchmark.pedantic(lambda: _run(block, x, backend), rounds=5,
                                warmup_rounds=1, iterations=1)
         return
     # Four batches in turn, as a training loop never sees the same tokens twice in a row: the
@@ -130,7 +130,7 @@ def test_moe_block(benchmark, impl, tokens, hidden, mode):
         xg.grad = None
         _run(block, xg, backend).backward(dy)
 
-    benchmark.pedantic(step, rounds=5 if tokens < 512 else 3, warmup_rounds=1, iterations=1)
+    benchmark.pedantic(step, rounds=5, warmup_rounds=1, iterations=1)
     for p in params:
         p.grad = None
 
