@@ -137,7 +137,7 @@ PYBIND11_MODULE(_C, m) {
 
   // Recycled zero pages for the MoE weight gradients (cpu/zero_slabs.cpp). A block exports
   // the buffer protocol; torch.frombuffer keeps it alive as long as the tensor's storage.
-  py::class_<c::ZeroSlabBlock>(m, "ZeroSlabBlock", py::buffer_protocol())
+  py::class_<c::ZeroSlabBlock>(m, "ZeroSlabBlock", py::buffer_protocol(), py::module_local())
       .def_buffer([](c::ZeroSlabBlock& b) {
         return py::buffer_info(b.data(), 1, py::format_descriptor<std::uint8_t>::format(), 1,
                                {static_cast<py::ssize_t>(b.nbytes())}, {py::ssize_t{1}},

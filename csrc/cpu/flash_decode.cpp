@@ -527,12 +527,22 @@ void run_item(const FD<T>& a, const Item& it, Scratch& sc, float* o_part, float*
 #endif
   for (std::int64_t t0 = std::max(it.t0, sc.nqr[0]); t0 < it.t1;) {
     const int nb = static_cast<int>(std::min<std::int64_t>(kBlock, it.t1 - t0));
+    // ring slots of the block's tokens (row offsets in units of D), wrapped without a
+    // division per token
+    std::int64_t slot[kBlock];
+    {
+      std::int64_t r0 = t0 % a.ring;
+      for (int j = 0; j < nb; ++j, ++r0) {
+        if (r0 == a.ring) r0 = 0;
+        slot[j] = (bh * a.ring + r0) * D;
+      }
+    }
     bool scored = false;
 #if defined(__AVX512BF16__)
     if constexpr (std::is_same_v<T, bf16>) {
       if (const int nc = fd_bf16::bf16_key_chunks(D)) {
         const bf16* rows[kBlock];
-        for (int j = 0; j < nb; ++j) rows[j] = a.kbuf + (bh * a.ring + (t0 + j) % a.ring) * D;
+        for (int j = 0; j < nb; ++j) rows[j] = a.kbuf + slot[j];
         switch (nc) {
           case 1: fd_bf16::bf16_key_scores<1>(q, R, rows, nb, a.scale, sc.s.data(), sc.ld); break;
           case 2: fd_bf16::bf16_key_scores<2>(q, R, rows, nb, a.scale, sc.s.data(), sc.ld); break;
@@ -544,7 +554,7 @@ void run_item(const FD<T>& a, const Item& it, Scratch& sc, float* o_part, float*
     }
 #endif
     for (int j = 0; j < nb && !scored; ++j) {
-      const T* kr = a.kbuf + (bh * a.ring + (t0 + j) % a.ring) * D;
+      const T* kr = a.kbuf + slot[j];
       float* kf = sc.kf.data();
 #pragma omp simd
       for (std::int64_t d = 0; d < D; ++d) kf[d] = to_float(kr[d]);
@@ -555,7 +565,7 @@ void run_item(const FD<T>& a, const Item& it, Scratch& sc, float* o_part, float*
     if constexpr (std::is_same_v<T, bf16>) {
       if (scored) {  // the bf16 path: accn in pair-split order until the pass ends
         const bf16* rows[kBlock];
-        for (int j = 0; j < nb; ++j) rows[j] = a.vbuf + (bh * a.ring + (t0 + j) % a.ring) * D;
+        for (int j = 0; j < nb; ++j) rows[j] = a.vbuf + slot[j];
         float* p = sc.s.data();
         switch (fd_bf16::bf16_key_chunks(D)) {
           case 1: fd_bf16::bf16_value_accumulate<1>(p, sc.ld, R, rows, nb, sc.accn.data()); break;
@@ -570,7 +580,7 @@ void run_item(const FD<T>& a, const Item& it, Scratch& sc, float* o_part, float*
     }
 #endif
     for (int j = 0; j < nb; ++j) {
-      const T* vr = a.vbuf + (bh * a.ring + (t0 + j) % a.ring) * D;
+      const T* vr = a.vbuf + slot[j];
       float* vf = sc.vf.data();
 #pragma omp simd
       for (std::int64_t d = 0; d < D; ++d) vf[d] = to_float(vr[d]);
