@@ -77,6 +77,12 @@ def test_reused_block_is_zero_outside_the_new_slabs_whatever_was_written(first, 
     assert _nonzero_slabs(u) == [e for e in second if e != 0]
 
 
+@pytest.mark.parametrize("shape", [(0, 3 * PAGE // 2), (4, 0)], ids=["no-slabs", "empty-slabs"])
+def test_empty_shapes(shape):
+    t = cgc.zeros_except(shape, torch.bfloat16, [])
+    assert t.shape == shape and t.numel() == 0
+
+
 def test_blocks_in_use_are_not_shared_and_sizes_do_not_mix():
     a = cgc.zeros_except(SHAPE, torch.bfloat16, [0])
     b = cgc.zeros_except(SHAPE, torch.bfloat16, [0])

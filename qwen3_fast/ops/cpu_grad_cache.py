@@ -42,7 +42,7 @@ def zeros_except(shape: tuple[int, ...], dtype: torch.dtype, written: list[int])
     nbytes = math.prod(shape) * dtype.itemsize
     ext = _ext.extension()
     slab = nbytes // shape[0] if shape[0] else 0
-    if (nbytes < RECYCLE_MIN_BYTES or not ext.zero_slabs_supported()
+    if (nbytes == 0 or nbytes < RECYCLE_MIN_BYTES or not ext.zero_slabs_supported()
             or slab % ext.zero_slabs_page_size() != 0):
         return _zeros_untouched(shape, dtype, nbytes)
     block = ext.zero_slabs_take(nbytes, slab, written)
@@ -53,7 +53,7 @@ def zeros_except(shape: tuple[int, ...], dtype: torch.dtype, written: list[int])
 def _zeros_untouched(shape: tuple[int, ...], dtype: torch.dtype, nbytes: int) -> Tensor:
     # slabs that are not page multiples, or no mremap: numpy's zeros is calloc, which for
     # large blocks maps zero pages without writing them (only written slabs fault in)
-    if nbytes < RECYCLE_MIN_BYTES:
+    if nbytes == 0 or nbytes < RECYCLE_MIN_BYTES:
         return torch.zeros(shape, dtype=dtype)
     import numpy as np
 
