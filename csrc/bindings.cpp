@@ -126,6 +126,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("grouped_gemm_nn_bf16_cpu", &c::grouped_gemm_nn_bf16, arg("a"), arg("b"),
         arg("offsets"), arg("c"), arg("m"), arg("n"), arg("k"), arg("groups"),
         arg("num_threads"), nogil);
+  m.def("grouped_wgrad_small_bf16_cpu", &c::grouped_wgrad_small_bf16, arg("p"), arg("q"),
+        arg("offsets"), arg("out"), arg("m"), arg("np"), arg("nq"), arg("groups"),
+        arg("num_threads"), nogil);
   m.def("linear_cpu", &c::linear_bf16, arg("x"), arg("weight"), arg("y"), arg("m"), arg("n"),
         arg("k"), arg("num_threads"), nogil);
   m.def("decode_layers_cpu", &c::decode_layers_bf16, arg("x"), arg("weights"), arg("cache"),

@@ -12,7 +12,10 @@
 // output. One parallel loop covers all (group, column block) pairs, so experts with few
 // rows do not leave threads idle, and each weight row is read from memory once.
 // Accumulation is float32, rounded once to bfloat16 (like torch's bf16 matmul).
+// Also here: the weight gradient of groups of 1-4 rows (grouped_wgrad_small_bf16), where
+// oneDNN's GEMM with a reduction length of 1-4 runs far below the write bandwidth.
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 #include "cpu_math.h"
@@ -45,6 +48,11 @@ constexpr std::int64_t kNBlock = 64;  // weight rows per parallel work item
 inline __m512 load_bf16_cols(const bf16* p, __mmask16 mask) {
   const __m256i h = _mm256_maskz_loadu_epi16(mask, p);
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+inline __m512 widen16(const bf16* p) {  // 16 bf16 -> 16 float32
+  return _mm512_castsi512_ps(_mm512_slli_epi32(
+      _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
 }
 
 template <int MR>
@@ -88,6 +96,72 @@ void tile_rows_nn(const bf16* a, std::int64_t rows, std::int64_t k, const bf16* 
   }
 }
 
+// NN form for a group of RB <= kStreamRows rows: b[g] ([k, n]) streamed row after row over
+// the column range [j0, j1) (the whole width unless a few groups must share the threads),
+// c rows accumulated in float32 in `acc` [RB, j1 - j0] (<= 32 KB: L1). The column tiles
+// above read b in 128-byte pieces one b row (up to 4 KB) apart, a page per row at n = 2048,
+// and ran at ~8 GB/s; here each b row is one contiguous run. Same products, same order
+// (kk ascending, one fused multiply-add per step) as micro_tile_nn: the same bits.
+constexpr std::int64_t kStreamRows = 4;
+constexpr std::int64_t kWgradMaxRows = 4;  // grouped_wgrad_small_bf16's groups
+
+template <int RB>
+void stream_rows_nn(const bf16* a, std::int64_t k, const bf16* b, std::int64_t n,
+                    std::int64_t j0, std::int64_t j1, bf16* c, float* acc) {
+  const std::int64_t w = j1 - j0;
+  std::fill(acc, acc + RB * w, 0.0f);
+  // kU b rows per pass over acc: the float32 accumulators are loaded and stored once per kU
+  // rows (still one fused multiply-add per row, in row order)
+  constexpr int kU = 4;
+  std::int64_t kk = 0;
+  for (; kk + kU <= k; kk += kU) {
+    const bf16* br = b + kk * n + j0;
+    __m512 av[RB][kU];
+#pragma GCC unroll 4
+    for (int r = 0; r < RB; ++r)
+#pragma GCC unroll 4
+      for (int u = 0; u < kU; ++u) av[r][u] = _mm512_set1_ps(to_float(a[r * k + kk + u]));
+    std::int64_t j = 0;
+    for (; j + 16 <= w; j += 16) {  // plain loads and stores (masked stores are slow on Zen 4)
+      __m512 bv[kU];
+#pragma GCC unroll 4
+      for (int u = 0; u < kU; ++u) bv[u] = widen16(br + u * n + j);
+#pragma GCC unroll 4
+      for (int r = 0; r < RB; ++r) {
+        float* ar = acc + r * w + j;
+        __m512 x = _mm512_loadu_ps(ar);
+#pragma GCC unroll 4
+        for (int u = 0; u < kU; ++u) x = _mm512_fmadd_ps(av[r][u], bv[u], x);
+        _mm512_storeu_ps(ar, x);
+      }
+    }
+    if (j < w) {
+      const __mmask16 mask = static_cast<__mmask16>((1u << (w - j)) - 1u);
+      for (int r = 0; r < RB; ++r) {
+        float* ar = acc + r * w + j;
+        __m512 x = _mm512_maskz_loadu_ps(mask, ar);
+        for (int u = 0; u < kU; ++u) x = _mm512_fmadd_ps(av[r][u], load_bf16_cols(br + u * n + j, mask), x);
+        _mm512_mask_storeu_ps(ar, mask, x);
+      }
+    }
+  }
+  for (; kk < k; ++kk) {
+    const bf16* br = b + kk * n + j0;
+    for (int r = 0; r < RB; ++r) {
+      const __m512 av = _mm512_set1_ps(to_float(a[r * k + kk]));
+      for (std::int64_t j = 0; j < w; j += 16) {
+        const std::int64_t left = w - j;
+        const __mmask16 mask = left >= 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1u);
+        float* ar = acc + r * w + j;
+        _mm512_mask_storeu_ps(ar, mask, _mm512_fmadd_ps(av, load_bf16_cols(br + j, mask),
+                                                        _mm512_maskz_loadu_ps(mask, ar)));
+      }
+    }
+  }
+  for (int r = 0; r < RB; ++r)
+    for (std::int64_t j = 0; j < w; ++j) c[r * n + j0 + j] = from_float<bf16>(acc[r * w + j]);
+}
+
 // The checks both forms share; returns the offsets [groups + 1].
 const std::int64_t* check_grouped_args(ptr a, ptr b, ptr offsets_ptr, ptr c, std::int64_t m,
                                        std::int64_t n, std::int64_t k, std::int64_t groups) {
@@ -125,20 +199,140 @@ void grouped_gemm_nn_bf16(ptr a, ptr b, ptr offsets_ptr, ptr c, std::int64_t m, 
   const bf16* ap = reinterpret_cast<const bf16*>(a);
   const bf16* bp = reinterpret_cast<const bf16*>(b);
   bf16* cp = reinterpret_cast<bf16*>(c);
-  constexpr std::int64_t kCols = 64;
-  const std::int64_t nblocks = (n + kCols - 1) / kCols;
+  // Groups of <= kStreamRows rows stream their b (stream_rows_nn) over column chunks of
+  // at most kStreamCols (acc <= 32 KB), split further until there are >= 2 items per thread;
+  // bigger groups take the 64-column tiles (their b panel is reused from cache by every
+  // row tile).
+  constexpr std::int64_t kCols = 64, kStreamCols = 2048;
+  const int threads = clamp_threads(num_threads);
+  std::int64_t small = 0;
+  for (std::int64_t g = 0; g < groups; ++g) {
+    const std::int64_t rows = offsets[g + 1] - offsets[g];
+    small += rows > 0 && rows <= kStreamRows;
+  }
+  std::int64_t splits = std::max<std::int64_t>((n + kStreamCols - 1) / kStreamCols,
+                                               small > 0 ? (2 * threads + small - 1) / small : 1);
+  const std::int64_t sw = std::max<std::int64_t>(16, (n / splits + 15) / 16 * 16);
+  splits = (n + sw - 1) / sw;
+  const std::int64_t nblocks = std::max((n + kCols - 1) / kCols, splits);
   const std::vector<std::int64_t> items = work_items(offsets, groups, nblocks);
+  const auto count = static_cast<std::int64_t>(items.size());
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<float> acc(static_cast<std::size_t>(kStreamRows * std::min(n, sw)));
+#pragma omp for schedule(dynamic, 1)
+    for (std::int64_t it = 0; it < count; ++it) {
+      const std::int64_t g = items[it] / nblocks, nb = items[it] % nblocks;
+      const std::int64_t lo = offsets[g], rows = offsets[g + 1] - lo;
+      const bf16* ag = ap + lo * k;
+      const bf16* bg = bp + g * k * n;
+      bf16* cg = cp + lo * n;
+      if (rows <= kStreamRows) {
+        if (nb >= splits) continue;
+        const std::int64_t j0 = nb * sw, j1 = std::min(n, j0 + sw);
+        switch (rows) {
+          case 1: stream_rows_nn<1>(ag, k, bg, n, j0, j1, cg, acc.data()); break;
+          case 2: stream_rows_nn<2>(ag, k, bg, n, j0, j1, cg, acc.data()); break;
+          case 3: stream_rows_nn<3>(ag, k, bg, n, j0, j1, cg, acc.data()); break;
+          default: stream_rows_nn<4>(ag, k, bg, n, j0, j1, cg, acc.data()); break;
+        }
+        continue;
+      }
+      if (nb * kCols >= n) continue;
+      const int ncols = static_cast<int>(std::min(kCols, n - nb * kCols));
+      tile_rows_nn(ag, rows, k, bg + nb * kCols, n, ncols, cg + nb * kCols, n);
+    }
+  }
+#else
+  throw std::invalid_argument("grouped_gemm_nn_bf16 needs a build with AVX512-BF16");
+#endif
+}
+
+#if defined(__AVX512BF16__)
+namespace {
+// 16 floats -> 16 bf16, round to nearest even, NaN -> 0x7fc0: from_float<bf16> lane-wise
+// (vcvtneps2bf16 flushes denormals, which torch's rounding keeps).
+inline __m256i round_bf16x16(__m512 x) {
+  const __m512i u = _mm512_castps_si512(x);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
+  return _mm512_cvtepi32_epi16(r);
+}
+
+// out[i, :] = sum_r p[r, i] * q[r, :] for i in [i0, i1), R rows (p [R, np], q [R, nq],
+// row-major), float32 products and sums in row order, one rounding.
+template <int R>
+void wgrad_rows(const bf16* p, std::int64_t np, const bf16* q, std::int64_t nq, std::int64_t i0,
+                std::int64_t i1, bf16* out) {
+  for (std::int64_t i = i0; i < i1; ++i) {
+    __m512 pv[R];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) pv[r] = _mm512_set1_ps(to_float(p[r * np + i]));
+    bf16* o = out + i * nq;
+    std::int64_t j = 0;
+    // up to 32-byte alignment with plain stores, then streaming ones: the gradient is not
+    // read again soon, and skipping the read-for-ownership halves the memory traffic
+    for (; j + 16 <= nq && (reinterpret_cast<std::uintptr_t>(o + j) & 31) != 0; j += 16) {
+      __m512 acc = _mm512_mul_ps(pv[0], widen16(q + j));
+#pragma GCC unroll 4
+      for (int r = 1; r < R; ++r) acc = _mm512_fmadd_ps(pv[r], widen16(q + r * nq + j), acc);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + j), round_bf16x16(acc));
+    }
+    const bool aligned = (reinterpret_cast<std::uintptr_t>(o + j) & 31) == 0;
+    for (; j + 16 <= nq; j += 16) {
+      __m512 acc = _mm512_mul_ps(pv[0], widen16(q + j));
+#pragma GCC unroll 4
+      for (int r = 1; r < R; ++r) acc = _mm512_fmadd_ps(pv[r], widen16(q + r * nq + j), acc);
+      if (aligned) _mm256_stream_si256(reinterpret_cast<__m256i*>(o + j), round_bf16x16(acc));
+      else _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + j), round_bf16x16(acc));
+    }
+    for (; j < nq; ++j) {
+      float acc = to_float(p[i]) * to_float(q[j]);
+      for (int r = 1; r < R; ++r) acc = std::fma(to_float(p[r * np + i]), to_float(q[r * nq + j]), acc);
+      o[j] = from_float<bf16>(acc);
+    }
+  }
+}
+}  // namespace
+#endif
+
+void grouped_wgrad_small_bf16(ptr p, ptr q, ptr offsets_ptr, ptr out, std::int64_t m,
+                              std::int64_t np, std::int64_t nq, std::int64_t groups,
+                              int num_threads) {
+#if defined(__AVX512BF16__)
+  const auto* offsets = check_grouped_args(p, q, offsets_ptr, out, m, nq, np, groups);
+  if (m == 0) return;
+  const bf16* pp = reinterpret_cast<const bf16*>(p);
+  const bf16* qp = reinterpret_cast<const bf16*>(q);
+  bf16* op = reinterpret_cast<bf16*>(out);
+  constexpr std::int64_t kRowsPerItem = 64;  // output rows per parallel work item
+  const std::int64_t nblocks = (np + kRowsPerItem - 1) / kRowsPerItem;
+  std::vector<std::int64_t> items;
+  for (std::int64_t g = 0; g < groups; ++g) {
+    const std::int64_t rows = offsets[g + 1] - offsets[g];
+    if (rows >= 1 && rows <= kWgradMaxRows)
+      for (std::int64_t nb = 0; nb < nblocks; ++nb) items.push_back(g * nblocks + nb);
+  }
   const auto count = static_cast<std::int64_t>(items.size());
 #pragma omp parallel for num_threads(clamp_threads(num_threads)) schedule(dynamic, 1)
   for (std::int64_t it = 0; it < count; ++it) {
     const std::int64_t g = items[it] / nblocks, nb = items[it] % nblocks;
     const std::int64_t lo = offsets[g], rows = offsets[g + 1] - lo;
-    const int ncols = static_cast<int>(std::min(kCols, n - nb * kCols));
-    tile_rows_nn(ap + lo * k, rows, k, bp + g * k * n + nb * kCols, n, ncols,
-                 cp + lo * n + nb * kCols, n);
+    const std::int64_t i0 = nb * kRowsPerItem, i1 = std::min(np, i0 + kRowsPerItem);
+    const bf16* pg = pp + lo * np;
+    const bf16* qg = qp + lo * nq;
+    bf16* og = op + g * np * nq;
+    switch (rows) {
+      case 1: wgrad_rows<1>(pg, np, qg, nq, i0, i1, og); break;
+      case 2: wgrad_rows<2>(pg, np, qg, nq, i0, i1, og); break;
+      case 3: wgrad_rows<3>(pg, np, qg, nq, i0, i1, og); break;
+      default: wgrad_rows<4>(pg, np, qg, nq, i0, i1, og); break;
+    }
+    _mm_sfence();  // the streaming stores are visible before the loop's barrier
   }
 #else
-  throw std::invalid_argument("grouped_gemm_nn_bf16 needs a build with AVX512-BF16");
+  throw std::invalid_argument("grouped_wgrad_small_bf16 needs a build with AVX512-BF16");
 #endif
 }
 

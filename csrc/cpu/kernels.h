@@ -102,6 +102,13 @@ void grouped_gemm_nt_bf16(ptr a, ptr b, ptr offsets, ptr c, std::int64_t m, std:
 // NN form: c[rows of g] = a[rows of g] @ b[g], b [groups, k, n].
 void grouped_gemm_nn_bf16(ptr a, ptr b, ptr offsets, ptr c, std::int64_t m, std::int64_t n,
                           std::int64_t k, std::int64_t groups, int num_threads);
+// Weight gradient of a grouped GEMM for groups of 1..4 rows (MoE experts with a token or
+// a few): out[g] = p[rows of g]^T @ q[rows of g], p [m, np], q [m, nq], out [groups, np, nq]
+// row-major bf16; float32 sums in row order, rounded once. Groups with 0 or > 4 rows are
+// not written (the caller zeroes / computes them).
+void grouped_wgrad_small_bf16(ptr p, ptr q, ptr offsets, ptr out, std::int64_t m,
+                              std::int64_t np, std::int64_t nq, std::int64_t groups,
+                              int num_threads);
 // Skinny bfloat16 linear (linear.cpp): y[m, n] = x[m, k] @ w[n, k]^T, 1 <= m <= 16, all
 // contiguous row-major bf16; AVX512-BF16 when built with it, else a portable float loop.
 void linear_bf16(ptr x, ptr w, ptr y, std::int64_t m, std::int64_t n, std::int64_t k,

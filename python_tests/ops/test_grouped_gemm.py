@@ -74,6 +74,49 @@ def test_rows_outside_every_group_are_zero(device, backend, trans_b):
 
 
 @pytest.mark.parametrize("trans_b", [False, True], ids=["nn", "nt"])
+@pytest.mark.parametrize("k", [5, 67, 256])
+@pytest.mark.parametrize("n", [3, 40, 130])
+@pytest.mark.parametrize("sizes", [[1, 0, 4, 2, 0, 0, 3, 0, 6, 0, 0, 0], [2], [0, 3, 0]],
+                         ids=["rows1-6", "one-group", "one-of-two"])
+def test_cpu_small_group_kernels(sizes, n, k, trans_b):
+    # With <= 2 rows per group on average (MoE decode and small batches) the bf16 CPU path
+    # runs csrc/cpu/grouped_gemm.cpp's NN kernel (the forward when not trans_b, da when
+    # trans_b), which streams groups of <= 4 rows (column chunks split across threads when
+    # groups are few) and tiles bigger ones, and grouped_wgrad_small_bf16 for the weight
+    # gradient of groups of <= 4 rows (bigger ones: torch.matmul). k tails of the 4-row
+    # unroll, n tails of the 16-column vectors.
+    gg = importlib.import_module("qwen3_fast.ops.grouped_gemm")
+    if not gg._nt_bf16_kernel():
+        pytest.skip("needs the AVX512-BF16 CPU kernels")
+    assert sum(sizes) <= gg.NN_KERNEL_ROWS_PER_GROUP * len(sizes)  # the kernel takes it
+    a, b, offsets = _inputs(sizes, k, n, trans_b, torch.bfloat16, "cpu")
+    _check(a, b, offsets, trans_b, torch.bfloat16, "cpu")
+
+
+def test_cpu_wgrad_one_row_groups_round_like_torch():
+    # A one-row group's weight gradient is an outer product: each element one float32
+    # product rounded to bf16 (nearest even), so it must equal torch's bit for bit,
+    # including huge and tiny (denormal) values; NaN stays NaN (its payload may differ).
+    gg = importlib.import_module("qwen3_fast.ops.grouped_gemm")
+    if not gg._nt_bf16_kernel():
+        pytest.skip("needs the AVX512-BF16 CPU kernels")
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(3, 37, generator=g)
+    a[0, :4] = torch.tensor([1e30, 3e-39, float("nan"), -0.0])
+    dc = torch.randn(3, 21, generator=g)
+    dc[1, 0] = 1e-10
+    a, dc = a.to(torch.bfloat16), dc.to(torch.bfloat16)
+    offsets = torch.tensor([0, 1, 1, 2, 3])
+    db = gg.grouped_gemm_wgrad(a, dc, offsets, True, 4, "cpu")
+    for e, row in ((0, 0), (2, 1), (3, 2)):
+        ref = (dc[row].float()[:, None] * a[row].float()[None, :]).to(torch.bfloat16)
+        nan = ref.isnan()
+        assert torch.equal(db[e].isnan(), nan), e
+        assert torch.equal(db[e][~nan].view(torch.int16), ref[~nan].view(torch.int16)), e
+    assert torch.all(db[1] == 0)
+
+
+@pytest.mark.parametrize("trans_b", [False, True], ids=["nn", "nt"])
 def test_cpu_weight_gradient_from_untouched_zero_pages(monkeypatch, trans_b):
     # Large CPU weight gradients come from zero pages and only non-empty groups are written
     # (cpu_grad_cache.zeros_except; slabs that are not page multiples take calloc'd pages,

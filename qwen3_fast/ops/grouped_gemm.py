@@ -17,7 +17,10 @@ weight reorder and per-shape kernel builds dominate small groups. Measured on th
 Qwen3-30B-A3B layer (quiet, 2 cores): the NT form (trans_b, the forward) is 1.7x torch's
 loop at 1 row per expert and equal at 32; the NN form (the backward's dx and dy @ W_down)
 is 1.7x at 1 row but 3x slower at 32, so it only takes groups of <= 2 rows on average
-(NN_KERNEL_ROWS_PER_GROUP). The weight gradient stays on torch matmul. ``triton``:
+(NN_KERNEL_ROWS_PER_GROUP); there, groups of <= 4 rows stream their weight row by row
+(1.1-2.8x the column tiles it had before, same bits). The weight gradient of groups of
+<= 4 rows (WGRAD_KERNEL_MAX_ROWS: an outer product or a few) is one C++ call too,
+written with streaming stores; bigger groups stay on torch matmul. ``triton``:
 ops/triton/grouped_gemm.py (one launch, each program finds its group from offsets).
 ``cuda``: csrc/cuda/grouped_gemm.cu (a shared-memory tiled kernel for sm_80+, each block
 finds its group from the device offsets: no host sync), the correctness baseline.
@@ -57,6 +60,9 @@ _NT_BF16: list[bool] = []
 # The C++ NN kernel takes a grouped GEMM up to this many rows per group on average (M <= this
 # times E); above it the per-group torch matmul runs (see grouped_gemm_forward).
 NN_KERNEL_ROWS_PER_GROUP = 2
+# Weight-gradient groups of at most this many rows go to csrc/cpu/grouped_gemm.cpp's
+# grouped_wgrad_small_bf16 (kWgradMaxRows there).
+WGRAD_KERNEL_MAX_ROWS = 4
 
 
 def _nt_bf16_kernel() -> bool:
@@ -181,11 +187,23 @@ def grouped_gemm_wgrad(a: Tensor, dc: Tensor, offsets: Tensor, trans_b: bool,
         return db
     bounds = _bounds(offsets)
     written = [e for e in range(num_groups) if bounds[e + 1] > bounds[e]]
-    # zero except the non-empty groups, which the matmuls below overwrite in full; large
+    # zero except the non-empty groups, which the kernels below overwrite in full; large
     # gradients come from recycled pages (cpu_grad_cache.py: no page faults per step)
     db = zeros_except(shape, a.dtype, written)
+    small = 0
+    if a.dtype == torch.bfloat16 and _nt_bf16_kernel():
+        # groups of 1-4 rows (an expert with a token or a few) in one C++ call: an outer
+        # product per row written straight to bf16, where oneDNN's GEMM with a reduction
+        # length of 1-4 runs far below the write bandwidth (measured in bench/results/moe_cpu.md)
+        small = WGRAD_KERNEL_MAX_ROWS
+        p, q = (dc, a) if trans_b else (a, dc)
+        p, q = p.contiguous(), q.contiguous()
+        launch("cpu", "grouped_wgrad_small_bf16", a.device, ptr(p), ptr(q), ptr(offsets), ptr(db),
+               a.shape[0], p.shape[1], q.shape[1], num_groups)
     for e in written:
         lo, hi = bounds[e], bounds[e + 1]
+        if hi - lo <= small:
+            continue
         if trans_b:
             torch.matmul(dc[lo:hi].t(), a[lo:hi], out=db[e])
         else:
