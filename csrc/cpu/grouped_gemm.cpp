@@ -264,22 +264,23 @@ inline __m256i round_bf16x16(__m512 x) {
 // row-major), float32 products and sums in row order, one rounding.
 template <int R>
 void wgrad_rows(const bf16* p, std::int64_t np, const bf16* q, std::int64_t nq, std::int64_t i0,
-                std::int64_t i1, bf16* out) {
+                std::int64_t i1, bf16* out, bool stream) {
   for (std::int64_t i = i0; i < i1; ++i) {
     __m512 pv[R];
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) pv[r] = _mm512_set1_ps(to_float(p[r * np + i]));
     bf16* o = out + i * nq;
     std::int64_t j = 0;
-    // up to 32-byte alignment with plain stores, then streaming ones: the gradient is not
-    // read again soon, and skipping the read-for-ownership halves the memory traffic
-    for (; j + 16 <= nq && (reinterpret_cast<std::uintptr_t>(o + j) & 31) != 0; j += 16) {
+    // up to 32-byte alignment with plain stores, then streaming ones when `stream`: a large
+    // gradient is not read again soon, and skipping the read-for-ownership halves the traffic
+    for (; j + 16 <= nq && (!stream || (reinterpret_cast<std::uintptr_t>(o + j) & 31) != 0);
+         j += 16) {
       __m512 acc = _mm512_mul_ps(pv[0], widen16(q + j));
 #pragma GCC unroll 4
       for (int r = 1; r < R; ++r) acc = _mm512_fmadd_ps(pv[r], widen16(q + r * nq + j), acc);
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + j), round_bf16x16(acc));
     }
-    const bool aligned = (reinterpret_cast<std::uintptr_t>(o + j) & 31) == 0;
+    const bool aligned = stream && (reinterpret_cast<std::uintptr_t>(o + j) & 31) == 0;
     for (; j + 16 <= nq; j += 16) {
       __m512 acc = _mm512_mul_ps(pv[0], widen16(q + j));
 #pragma GCC unroll 4
@@ -309,11 +310,17 @@ void grouped_wgrad_small_bf16(ptr p, ptr q, ptr offsets_ptr, ptr out, std::int64
   constexpr std::int64_t kRowsPerItem = 64;  // output rows per parallel work item
   const std::int64_t nblocks = (np + kRowsPerItem - 1) / kRowsPerItem;
   std::vector<std::int64_t> items;
+  std::int64_t written = 0;
   for (std::int64_t g = 0; g < groups; ++g) {
     const std::int64_t rows = offsets[g + 1] - offsets[g];
-    if (rows >= 1 && rows <= kWgradMaxRows)
+    if (rows >= 1 && rows <= kWgradMaxRows) {
       for (std::int64_t nb = 0; nb < nblocks; ++nb) items.push_back(g * nblocks + nb);
+      ++written;
+    }
   }
+  // streaming stores only for outputs well beyond the caches (a small model's gradient is
+  // read back by the optimizer while still cached)
+  const bool stream = written * np * nq * 2 >= (std::int64_t{32} << 20);
   const auto count = static_cast<std::int64_t>(items.size());
 #pragma omp parallel for num_threads(clamp_threads(num_threads)) schedule(dynamic, 1)
   for (std::int64_t it = 0; it < count; ++it) {
@@ -324,12 +331,12 @@ void grouped_wgrad_small_bf16(ptr p, ptr q, ptr offsets_ptr, ptr out, std::int64
     const bf16* qg = qp + lo * nq;
     bf16* og = op + g * np * nq;
     switch (rows) {
-      case 1: wgrad_rows<1>(pg, np, qg, nq, i0, i1, og); break;
-      case 2: wgrad_rows<2>(pg, np, qg, nq, i0, i1, og); break;
-      case 3: wgrad_rows<3>(pg, np, qg, nq, i0, i1, og); break;
-      default: wgrad_rows<4>(pg, np, qg, nq, i0, i1, og); break;
+      case 1: wgrad_rows<1>(pg, np, qg, nq, i0, i1, og, stream); break;
+      case 2: wgrad_rows<2>(pg, np, qg, nq, i0, i1, og, stream); break;
+      case 3: wgrad_rows<3>(pg, np, qg, nq, i0, i1, og, stream); break;
+      default: wgrad_rows<4>(pg, np, qg, nq, i0, i1, og, stream); break;
     }
-    _mm_sfence();  // the streaming stores are visible before the loop's barrier
+    if (stream) _mm_sfence();  // the streaming stores are visible before the loop's barrier
   }
 #else
   throw std::invalid_argument("grouped_wgrad_small_bf16 needs a build with AVX512-BF16");
