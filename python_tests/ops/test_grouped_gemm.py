@@ -76,13 +76,15 @@ def test_rows_outside_every_group_are_zero(device, backend, trans_b):
 @pytest.mark.parametrize("trans_b", [False, True], ids=["nn", "nt"])
 @pytest.mark.parametrize("k", [5, 67, 256])
 @pytest.mark.parametrize("n", [3, 40, 130])
-@pytest.mark.parametrize("sizes", [[1, 0, 4, 2, 0, 0, 3, 0, 6, 0, 0, 0], [2], [0, 3, 0]],
-                         ids=["rows1-6", "one-group", "one-of-two"])
+@pytest.mark.parametrize("sizes", [[1, 0, 4, 2, 0, 0, 3, 0, 6, 0, 0, 0], [9, 0, 1, 2], [2],
+                                   [0, 3, 0]],
+                         ids=["rows1-6", "rows9", "one-group", "one-of-two"])
 def test_cpu_small_group_kernels(sizes, n, k, trans_b):
-    # With <= 2 rows per group on average (MoE decode and small batches) the bf16 CPU path
+    # With few rows per group on average (MoE decode and small batches) the bf16 CPU path
     # runs csrc/cpu/grouped_gemm.cpp's NN kernel (the forward when not trans_b, da when
     # trans_b), which streams groups of <= 4 rows (column chunks split across threads when
-    # groups are few) and tiles bigger ones, and grouped_wgrad_small_bf16 for the weight
+    # groups are few) and tiles bigger ones (vdpbf16ps on row pairs: odd k leaves a single
+    # row), and grouped_wgrad_small_bf16 for the weight
     # gradient of groups of <= 4 rows (bigger ones: torch.matmul). k tails of the 4-row
     # unroll, n tails of the 16-column vectors.
     gg = importlib.import_module("qwen3_fast.ops.grouped_gemm")

@@ -15,10 +15,12 @@ plain dense GEMM. The exception is bfloat16 on CPUs with AVX512-BF16: there
 csrc/cpu/grouped_gemm.cpp does all groups in one parallel loop, because oneDNN's per-call
 weight reorder and per-shape kernel builds dominate small groups. Measured on the
 Qwen3-30B-A3B layer (quiet, 2 cores): the NT form (trans_b, the forward) is 1.7x torch's
-loop at 1 row per expert and equal at 32; the NN form (the backward's dx and dy @ W_down)
-is 1.7x at 1 row but 3x slower at 32, so it only takes groups of <= 2 rows on average
-(NN_KERNEL_ROWS_PER_GROUP); there, groups of <= 4 rows stream their weight row by row
-(1.1-2.8x the column tiles it had before, same bits). The weight gradient of groups of
+loop at 1 row per expert and equal at 32. The NN form (the backward's dx and dy @ W_down)
+streams the weight row by row for groups of <= 4 rows (1.1-2.8x the float32 column tiles
+it had before) and takes vdpbf16ps tiles over pairs of weight rows for bigger ones; against
+torch's loop (2026-11-30, quiet, same process): 1.5-1.8x at 2 and 4 rows per expert on
+average, 0.9-1.3x at 8, 0.57-0.74x at 16-32, so it takes groups of <= 6 rows on average
+(NN_KERNEL_ROWS_PER_GROUP). The weight gradient of groups of
 <= 4 rows (WGRAD_KERNEL_MAX_ROWS: an outer product or a few) is one C++ call too,
 written with streaming stores; bigger groups stay on torch matmul. ``triton``:
 ops/triton/grouped_gemm.py (one launch, each program finds its group from offsets).
@@ -59,7 +61,7 @@ _CUDA_KERNEL_ENV = "QWEN3_FAST_GROUPED_GEMM"
 _NT_BF16: list[bool] = []
 # The C++ NN kernel takes a grouped GEMM up to this many rows per group on average (M <= this
 # times E); above it the per-group torch matmul runs (see grouped_gemm_forward).
-NN_KERNEL_ROWS_PER_GROUP = 2
+NN_KERNEL_ROWS_PER_GROUP = 6
 # Weight-gradient groups of at most this many rows go to csrc/cpu/grouped_gemm.cpp's
 # grouped_wgrad_small_bf16 (kWgradMaxRows there).
 WGRAD_KERNEL_MAX_ROWS = 4
@@ -156,8 +158,8 @@ def grouped_gemm_forward(a: Tensor, b: Tensor, offsets: Tensor, trans_b: bool,
             trans_b or a.shape[0] <= NN_KERNEL_ROWS_PER_GROUP * b.shape[0]):
         # csrc/cpu/grouped_gemm.cpp: one parallel loop over all experts (see its comment);
         # NT for the forward GEMMs, NN for the backward's dx and dy @ W_down while groups
-        # are a row or two (its B panel is not packed: from ~4 rows per group oneDNN's
-        # per-expert GEMM is faster, 3x at 32 rows, measured on the Qwen3-30B-A3B layer).
+        # are a few rows (its B panel is not packed: from ~8 rows per group oneDNN's
+        # per-expert GEMM is faster, 1.5-1.75x at 32 rows, measured on the Qwen3-30B-A3B layer).
         launch("cpu", "grouped_gemm_nt_bf16" if trans_b else "grouped_gemm_nn_bf16", a.device,
                ptr(a), ptr(b), ptr(offsets), ptr(c), a.shape[0], n, a.shape[1], b.shape[0])
         return c
