@@ -17,6 +17,7 @@ the fraction of the 989 TFLOP/s dense bf16 peak.
 from __future__ import annotations
 
 import contextlib
+import itertools
 
 import pytest
 import torch
@@ -121,7 +122,7 @@ def test_moe_block(benchmark, impl, tokens, hidden, mode):
     xs = [x] + [torch.randn_like(x) for _ in range(3)]
     xs = [t.clone().requires_grad_() for t in xs]
     dy = torch.randn_like(x)
-    turn = iter(range(1 << 30))
+    turn = itertools.count()
 
     def step():
         for p in params:

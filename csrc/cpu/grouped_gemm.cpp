@@ -308,22 +308,16 @@ void wgrad_rows(const bf16* p, std::int64_t np, const bf16* q, std::int64_t nq, 
     for (int r = 0; r < R; ++r) pv[r] = _mm512_set1_ps(to_float(p[r * np + i]));
     bf16* o = out + i * nq;
     std::int64_t j = 0;
-    // up to 32-byte alignment with plain stores, then streaming ones when `stream`: a large
-    // gradient is not read again soon, and skipping the read-for-ownership halves the traffic
-    for (; j + 16 <= nq && (!stream || (reinterpret_cast<std::uintptr_t>(o + j) & 31) != 0);
-         j += 16) {
-      __m512 acc = _mm512_mul_ps(pv[0], widen16(q + j));
-#pragma GCC unroll 4
-      for (int r = 1; r < R; ++r) acc = _mm512_fmadd_ps(pv[r], widen16(q + r * nq + j), acc);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + j), round_bf16x16(acc));
-    }
-    const bool aligned = stream && (reinterpret_cast<std::uintptr_t>(o + j) & 31) == 0;
     for (; j + 16 <= nq; j += 16) {
       __m512 acc = _mm512_mul_ps(pv[0], widen16(q + j));
 #pragma GCC unroll 4
       for (int r = 1; r < R; ++r) acc = _mm512_fmadd_ps(pv[r], widen16(q + r * nq + j), acc);
-      if (aligned) _mm256_stream_si256(reinterpret_cast<__m256i*>(o + j), round_bf16x16(acc));
-      else _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + j), round_bf16x16(acc));
+      // streaming stores when `stream` (a large gradient is not read again soon, and skipping
+      // the read-for-ownership halves the traffic) once o + j is 32-byte aligned
+      if (stream && (reinterpret_cast<std::uintptr_t>(o + j) & 31) == 0)
+        _mm256_stream_si256(reinterpret_cast<__m256i*>(o + j), round_bf16x16(acc));
+      else
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + j), round_bf16x16(acc));
     }
     for (; j < nq; ++j) {
       float acc = to_float(p[i]) * to_float(q[j]);

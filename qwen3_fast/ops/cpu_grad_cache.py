@@ -40,21 +40,16 @@ def zeros_except(shape: tuple[int, ...], dtype: torch.dtype, written: list[int])
         caller must overwrite every element of them.
     """
     nbytes = math.prod(shape) * dtype.itemsize
-    ext = _ext.extension()
-    slab = nbytes // shape[0] if shape[0] else 0
-    if (nbytes == 0 or nbytes < RECYCLE_MIN_BYTES or not ext.zero_slabs_supported()
-            or slab % ext.zero_slabs_page_size() != 0):
-        return _zeros_untouched(shape, dtype, nbytes)
-    block = ext.zero_slabs_take(nbytes, slab, written)
-    # frombuffer holds the block until the storage dies, which returns it to the cache
-    return torch.frombuffer(block, dtype=torch.uint8).view(dtype).view(shape)
-
-
-def _zeros_untouched(shape: tuple[int, ...], dtype: torch.dtype, nbytes: int) -> Tensor:
-    # slabs that are not page multiples, or no mremap: numpy's zeros is calloc, which for
-    # large blocks maps zero pages without writing them (only written slabs fault in)
     if nbytes == 0 or nbytes < RECYCLE_MIN_BYTES:
         return torch.zeros(shape, dtype=dtype)
+    ext = _ext.extension()
+    slab = nbytes // shape[0]
+    if ext.zero_slabs_supported() and slab % ext.zero_slabs_page_size() == 0:
+        block = ext.zero_slabs_take(nbytes, slab, written)
+        # frombuffer holds the block until the storage dies, which returns it to the cache
+        return torch.frombuffer(block, dtype=torch.uint8).view(dtype).view(shape)
+    # slabs that are not page multiples, or no mremap: numpy's zeros is calloc, which for
+    # large blocks maps zero pages without writing them (only written slabs fault in)
     import numpy as np
 
     return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
